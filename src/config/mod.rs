@@ -1,0 +1,497 @@
+//! Configuration: the YAML file, its validation, and the immutable [`Config`] the proxy runs.
+//!
+//! Two layers (house style): [`file`] mirrors the YAML with `deny_unknown_fields` and source
+//! positions; [`validate`] converts it into [`Config`], made of real types (`SocketAddr`,
+//! `Duration`, compiled regexes, cluster indices instead of names), collecting every error with
+//! `file:line:column: field.path: message`. Nothing downstream ever sees an unchecked value.
+
+pub mod duration;
+pub mod file;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+pub use duration::{format_duration, parse_duration};
+
+/// Default admin listener address (a DESIGN.md contract).
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
+/// How long a cluster waits for a TCP connect, by default.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a request waits for the upstream's response head, by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an idle pooled upstream connection is kept, by default.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take to send a request head, by default.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted, by default (larger gets 431).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Connections a listener accepts at once, by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// How long in-flight requests may run after SIGTERM, by default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// How often DNS endpoints are re-resolved, by default.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
+
+/// A validated configuration: what the proxy runs and what `attache explain` reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub source: PathBuf,
+    pub admin: Admin,
+    pub access_log: AccessLog,
+    /// Worker threads, each a current-thread runtime with its own listeners (SO_REUSEPORT).
+    /// `None`: one per CPU this process may run on.
+    pub workers: Option<usize>,
+    pub shutdown_grace: Duration,
+    pub listeners: Vec<Listener>,
+    /// Clusters, indexed by [`ClusterId`].
+    pub clusters: Vec<Cluster>,
+}
+
+/// Index of a cluster in [`Config::clusters`].
+pub type ClusterId = usize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+/// Where the JSON access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+impl AccessLog {
+    /// Parses `off`, `stdout` or a file path (the `--access-log` flag and the config field).
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "off" => AccessLog::Off,
+            "stdout" | "-" => AccessLog::Stdout,
+            path => AccessLog::File(PathBuf::from(path)),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub kind: ListenerKind,
+    pub max_connections: usize,
+    /// Time allowed for a request head to arrive. For HTTP/1.1 it also bounds how long an idle
+    /// keep-alive connection waits for its next request (hyper starts the timer when it waits
+    /// for a head).
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    /// HTTP/1.1 and h2c on one port; requests go through `routes`, first match wins.
+    Http {
+        routes: Vec<Route>,
+        forwarded: Forwarded,
+    },
+    /// Raw bytes to one cluster.
+    Tcp { cluster: ClusterId },
+}
+
+/// Which forwarding headers attache adds to upstream requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Append the client address to `x-forwarded-for` (default on).
+    pub x_forwarded_for: bool,
+    /// Set `x-forwarded-proto: http` (default on).
+    pub x_forwarded_proto: bool,
+    /// Append `1.1 attache` to `via` (default off: an ambassador is usually invisible).
+    pub via: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub rewrite_prefix: Option<String>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    /// Time allowed for the upstream's response head (the cluster's timeout when not set).
+    pub timeout: Duration,
+    pub destination: Destination,
+}
+
+/// Where a matched request goes. Shards and splits join as further variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Cluster(ClusterId),
+}
+
+/// The conditions of a route; all present conditions must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    pub methods: Vec<Method>,
+    pub headers: Vec<ValueMatch>,
+    pub query: Vec<ValueMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com`: holds `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+    Template(crate::route::Template),
+}
+
+#[derive(Debug, Clone)]
+pub struct ValueMatch {
+    pub name: String,
+    pub header: Option<HeaderName>,
+    pub rule: ValueRule,
+}
+
+#[derive(Debug, Clone)]
+pub enum ValueRule {
+    Exact(String),
+    Regex(regex::Regex),
+    Present(bool),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderOps {
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<EndpointSpec>,
+    pub protocol: UpstreamProtocol,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    /// Default response-head timeout of routes to this cluster.
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_endpoint: usize,
+    pub dns_refresh: Duration,
+    pub health_check: Option<HealthCheck>,
+}
+
+impl Cluster {
+    /// Whether any endpoint needs DNS.
+    pub fn uses_dns(&self) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| matches!(e, EndpointSpec::Dns { .. }))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSpec {
+    Addr(SocketAddr),
+    /// A DNS name, re-resolved every `dns_refresh`; every address it yields is an endpoint.
+    Dns {
+        host: String,
+        port: u16,
+    },
+}
+
+impl fmt::Display for EndpointSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointSpec::Addr(a) => write!(f, "{a}"),
+            EndpointSpec::Dns { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    /// Power of two random choices, least in-flight requests wins (the default).
+    LeastRequest,
+    RoundRobin,
+    /// Rendezvous hashing on a request key.
+    ConsistentHash(HashOn),
+}
+
+impl Balance {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balance::LeastRequest => "least_request",
+            Balance::RoundRobin => "round_robin",
+            Balance::ConsistentHash(_) => "consistent_hash",
+        }
+    }
+}
+
+/// A request key for consistent hashing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    Header(HeaderName),
+    Query(String),
+    Cookie(String),
+    /// A named capture of the route's path template.
+    Capture(String),
+}
+
+impl fmt::Display for HashOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashOn::Header(h) => write!(f, "header {h}"),
+            HashOn::Query(q) => write!(f, "query {q}"),
+            HashOn::Cookie(c) => write!(f, "cookie {c}"),
+            HashOn::Capture(c) => write!(f, "path capture {c}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+/// One config error: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    /// Dotted field path, e.g. `listeners[0].routes[2].cluster`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.column, self.field, self.message
+        )
+    }
+}
+
+/// Every error found in one file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: name.clone(),
+                line: 0,
+                column: 0,
+                field: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        validate::parse(text, path)
+    }
+
+    /// Position of a listener by name.
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// Position of a cluster by name.
+    pub fn cluster_id(&self, name: &str) -> Option<ClusterId> {
+        self.clusters.iter().position(|c| c.name == name)
+    }
+
+    /// A one-line summary for `attache check`.
+    pub fn summary(&self) -> String {
+        let routes: usize = self
+            .listeners
+            .iter()
+            .map(|l| match &l.kind {
+                ListenerKind::Http { routes, .. } => routes.len(),
+                ListenerKind::Tcp { .. } => 0,
+            })
+            .sum();
+        let endpoints: usize = self.clusters.iter().map(|c| c.endpoints.len()).sum();
+        format!(
+            "{}: ok: {} listener(s), {} route(s), {} cluster(s), {} endpoint(s), admin on {}",
+            self.source.display(),
+            self.listeners.len(),
+            routes,
+            self.clusters.len(),
+            endpoints,
+            self.admin.address
+        )
+    }
+
+    /// The effective config as JSON for `GET /config`: defaults filled in, secrets redacted.
+    pub fn effective(&self) -> serde_json::Value {
+        use serde_json::json;
+        let clusters: Vec<_> = self
+            .clusters
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "endpoints": c.endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                    "protocol": match c.protocol { UpstreamProtocol::Http1 => "http1", UpstreamProtocol::Http2 => "http2" },
+                    "balance": c.balance.name(),
+                    "hash_on": match &c.balance { Balance::ConsistentHash(h) => Some(h.to_string()), _ => None },
+                    "connect_timeout": format_duration(c.connect_timeout),
+                    "timeout": format_duration(c.timeout),
+                    "idle_timeout": format_duration(c.idle_timeout),
+                    "max_idle_per_endpoint": c.max_idle_per_endpoint,
+                    "dns_refresh": format_duration(c.dns_refresh),
+                    "health_check": c.health_check.as_ref().map(|h| json!({
+                        "path": h.path,
+                        "interval": format_duration(h.interval),
+                        "timeout": format_duration(h.timeout),
+                        "healthy_threshold": h.healthy_threshold,
+                        "unhealthy_threshold": h.unhealthy_threshold,
+                    })),
+                })
+            })
+            .collect();
+        let listeners: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                let mut v = json!({
+                    "name": l.name,
+                    "address": l.address.to_string(),
+                    "max_connections": l.max_connections,
+                    "header_read_timeout": format_duration(l.header_read_timeout),
+                    "max_header_bytes": l.max_header_bytes,
+                });
+                match &l.kind {
+                    ListenerKind::Tcp { cluster } => {
+                        v["protocol"] = json!("tcp");
+                        v["cluster"] = json!(self.clusters[*cluster].name);
+                    }
+                    ListenerKind::Http { routes, forwarded } => {
+                        v["protocol"] = json!("http");
+                        v["forwarded"] = json!({
+                            "x_forwarded_for": forwarded.x_forwarded_for,
+                            "x_forwarded_proto": forwarded.x_forwarded_proto,
+                            "via": forwarded.via,
+                        });
+                        v["routes"] = routes.iter().map(|r| self.route_json(r)).collect();
+                    }
+                }
+                v
+            })
+            .collect();
+        json!({
+            "source": self.source.display().to_string(),
+            "admin": { "address": self.admin.address.to_string() },
+            "access_log": match &self.access_log {
+                AccessLog::Off => "off".to_owned(),
+                AccessLog::Stdout => "stdout".to_owned(),
+                AccessLog::File(p) => p.display().to_string(),
+            },
+            "workers": self.workers,
+            "shutdown_grace": format_duration(self.shutdown_grace),
+            "listeners": listeners,
+            "clusters": clusters,
+        })
+    }
+
+    fn route_json(&self, r: &Route) -> serde_json::Value {
+        use serde_json::json;
+        let m = &r.matcher;
+        let redact = |name: &HeaderName, value: &HeaderValue| -> String {
+            if is_secret_header(name) {
+                "<redacted>".to_owned()
+            } else {
+                value.to_str().unwrap_or("<binary>").to_owned()
+            }
+        };
+        json!({
+            "name": r.name,
+            "match": {
+                "host": m.host.as_ref().map(|h| match h { HostMatch::Exact(e) => e.clone(), HostMatch::Suffix(s) => format!("*{s}") }),
+                "path": m.path.as_ref().map(|p| match p {
+                    PathMatch::Exact(e) => json!({"exact": e}),
+                    PathMatch::Prefix(e) => json!({"prefix": e}),
+                    PathMatch::Regex(e) => json!({"regex": e.as_str()}),
+                    PathMatch::Template(t) => json!({"template": t.source()}),
+                }),
+                "methods": m.methods.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
+                "headers": m.headers.iter().map(value_match_json).collect::<Vec<_>>(),
+                "query": m.query.iter().map(value_match_json).collect::<Vec<_>>(),
+            },
+            "destination": match r.destination { Destination::Cluster(c) => json!({"cluster": self.clusters[c].name}) },
+            "rewrite_prefix": r.rewrite_prefix,
+            "timeout": format_duration(r.timeout),
+            "request_headers": {
+                "add": r.request_headers.add.iter().map(|(n, v)| (n.to_string(), redact(n, v))).collect::<std::collections::BTreeMap<_, _>>(),
+                "remove": r.request_headers.remove.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            },
+            "response_headers": {
+                "add": r.response_headers.add.iter().map(|(n, v)| (n.to_string(), redact(n, v))).collect::<std::collections::BTreeMap<_, _>>(),
+                "remove": r.response_headers.remove.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+fn value_match_json(v: &ValueMatch) -> serde_json::Value {
+    use serde_json::json;
+    match &v.rule {
+        ValueRule::Exact(e) => json!({"name": v.name, "exact": e}),
+        ValueRule::Regex(r) => json!({"name": v.name, "regex": r.as_str()}),
+        ValueRule::Present(p) => json!({"name": v.name, "present": p}),
+    }
+}
+
+/// Headers whose values are credentials and never shown by `/config` or `explain`.
+pub fn is_secret_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "x-api-key" | "api-key"
+    )
+}

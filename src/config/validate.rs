@@ -1,0 +1,844 @@
+//! File structs → validated [`Config`]: every error collected, each with its location.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use serde_saphyr::{Location, Spanned};
+
+use super::file::*;
+use super::*;
+use crate::route::Template;
+
+/// Collects errors while walking the file.
+struct Ctx {
+    file: String,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx {
+    fn at(&mut self, loc: &Location, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line: loc.line(),
+            column: loc.column(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn err<T>(&mut self, s: &Spanned<T>, field: impl Into<String>, message: impl Into<String>) {
+        self.at(&s.referenced, field, message);
+    }
+
+    fn duration(
+        &mut self,
+        value: &Option<S<String>>,
+        field: impl Into<String>,
+        default: Duration,
+    ) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match parse_duration(&s.value) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.err(s, field, e);
+                    default
+                }
+            },
+        }
+    }
+}
+
+pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let file_name = path.display().to_string();
+    let options = serde_saphyr::options! { with_snippet: false };
+    let parsed: Result<FileConfig, (String, serde_saphyr::Error)> =
+        match serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            Ok(serde_path_to_error::deserialize(de)
+                .map_err(|e| (e.path().to_string(), e.into_inner())))
+        }) {
+            Ok(inner) => inner,
+            Err(e) => Err((String::new(), e)),
+        };
+    let file = match parsed {
+        Ok(f) => f,
+        Err((field, e)) => {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            let field = if field.is_empty() || field == "." {
+                "(document)".to_owned()
+            } else {
+                field
+            };
+            return Err(ConfigErrors(vec![ConfigError {
+                file: file_name,
+                line,
+                column,
+                field,
+                message: clean_serde_message(&e.to_string()),
+            }]));
+        }
+    };
+    let mut ctx = Ctx {
+        file: file_name,
+        errors: Vec::new(),
+    };
+    let config = build(&mut ctx, file, path);
+    if ctx.errors.is_empty() {
+        Ok(config)
+    } else {
+        ctx.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(ctx.errors))
+    }
+}
+
+/// serde-saphyr appends the position to its messages; ours carry it in front already.
+fn clean_serde_message(message: &str) -> String {
+    let first = message.lines().next().unwrap_or(message);
+    let trimmed = match first.find(" at line ") {
+        Some(i) => &first[..i],
+        None => first,
+    };
+    trimmed.trim().to_owned()
+}
+
+fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
+    // Clusters first: routes refer to them by name.
+    let cluster_names: Vec<String> = file.clusters.keys().cloned().collect();
+    let clusters: Vec<Cluster> = file
+        .clusters
+        .iter()
+        .map(|(name, c)| cluster(ctx, name, c))
+        .collect();
+
+    let admin_address = match file.admin.as_ref().and_then(|a| a.address.as_ref()) {
+        None => DEFAULT_ADMIN_ADDRESS.parse().ok(),
+        Some(s) => socket_addr(ctx, s, "admin.address"),
+    };
+    let admin_address = admin_address.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
+
+    let access_log = file
+        .access_log
+        .as_ref()
+        .map(|s| AccessLog::parse(&s.value))
+        .unwrap_or(AccessLog::Stdout);
+
+    let workers = match &file.workers {
+        None => None,
+        Some(w) if w.value == 0 || w.value > 256 => {
+            ctx.err(
+                w,
+                "workers",
+                "must be between 1 and 256 (or left out: one per CPU)",
+            );
+            None
+        }
+        Some(w) => Some(w.value as usize),
+    };
+    let shutdown_grace = ctx.duration(
+        &file.shutdown_grace,
+        "shutdown_grace",
+        DEFAULT_SHUTDOWN_GRACE,
+    );
+
+    let mut listeners = Vec::new();
+    let mut seen_names: HashMap<String, usize> = HashMap::new();
+    let mut seen_addrs: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, l) in file.listeners.iter().enumerate() {
+        let field = format!("listeners[{i}]");
+        let name = l
+            .name
+            .as_ref()
+            .map(|n| n.value.clone())
+            .unwrap_or_else(|| format!("listener-{i}"));
+        if let (Some(n), Some(prev)) = (&l.name, seen_names.get(&name)) {
+            ctx.err(
+                n,
+                format!("{field}.name"),
+                format!("duplicate listener name `{name}` (also listeners[{prev}])"),
+            );
+        }
+        seen_names.insert(name.clone(), i);
+        let address = socket_addr(ctx, &l.address, &format!("{field}.address"));
+        if let Some(a) = address {
+            if let Some(prev) = seen_addrs.get(&a) {
+                ctx.err(
+                    &l.address,
+                    format!("{field}.address"),
+                    format!("address {a} is already used by listeners[{prev}]"),
+                );
+            } else if a == admin_address {
+                ctx.err(
+                    &l.address,
+                    format!("{field}.address"),
+                    format!("address {a} is the admin listener's"),
+                );
+            }
+            seen_addrs.insert(a, i);
+        }
+        let protocol = l
+            .protocol
+            .as_ref()
+            .map(|p| p.value.as_str())
+            .unwrap_or("http");
+        let kind = match protocol {
+            "tcp" => {
+                if let Some(r) = &l.routes {
+                    ctx.err(
+                        r,
+                        format!("{field}.routes"),
+                        "a tcp listener has no routes: name its `cluster` instead",
+                    );
+                }
+                match &l.cluster {
+                    None => {
+                        ctx.err(
+                            &l.address,
+                            format!("{field}.cluster"),
+                            "a tcp listener needs `cluster`",
+                        );
+                        None
+                    }
+                    Some(c) => cluster_ref(ctx, c, &format!("{field}.cluster"), &cluster_names)
+                        .map(|cluster| ListenerKind::Tcp { cluster }),
+                }
+            }
+            "http" => {
+                if let Some(c) = &l.cluster {
+                    ctx.err(
+                        c,
+                        format!("{field}.cluster"),
+                        "an http listener sends requests through `routes`; put `cluster` on a route",
+                    );
+                }
+                let routes = match &l.routes {
+                    None => {
+                        ctx.err(
+                            &l.address,
+                            format!("{field}.routes"),
+                            "an http listener needs at least one route",
+                        );
+                        Vec::new()
+                    }
+                    Some(r) if r.value.is_empty() => {
+                        ctx.err(
+                            r,
+                            format!("{field}.routes"),
+                            "an http listener needs at least one route",
+                        );
+                        Vec::new()
+                    }
+                    Some(r) => {
+                        let mut names: HashMap<String, usize> = HashMap::new();
+                        let mut out = Vec::new();
+                        for (j, fr) in r.value.iter().enumerate() {
+                            let rfield = format!("{field}.routes[{j}]");
+                            if let Some(route) =
+                                route(ctx, fr, j, &rfield, &cluster_names, &clusters)
+                            {
+                                if let Some(prev) = names.get(&route.name) {
+                                    if let Some(n) = &fr.value.name {
+                                        ctx.err(
+                                            n,
+                                            format!("{rfield}.name"),
+                                            format!(
+                                                "duplicate route name `{}` (also routes[{prev}])",
+                                                route.name
+                                            ),
+                                        );
+                                    }
+                                }
+                                names.insert(route.name.clone(), j);
+                                out.push(route);
+                            }
+                        }
+                        out
+                    }
+                };
+                let fwd = l.forwarded.as_ref();
+                Some(ListenerKind::Http {
+                    routes,
+                    forwarded: Forwarded {
+                        x_forwarded_for: fwd.and_then(|f| f.x_forwarded_for).unwrap_or(true),
+                        x_forwarded_proto: fwd.and_then(|f| f.x_forwarded_proto).unwrap_or(true),
+                        via: fwd.and_then(|f| f.via).unwrap_or(false),
+                    },
+                })
+            }
+            other => {
+                if let Some(p) = &l.protocol {
+                    ctx.err(
+                        p,
+                        format!("{field}.protocol"),
+                        format!(
+                            "unknown protocol `{other}`: use `http` (HTTP/1.1 and h2c) or `tcp`"
+                        ),
+                    );
+                }
+                None
+            }
+        };
+        let max_connections = match &l.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(m) if m.value == 0 => {
+                ctx.err(m, format!("{field}.max_connections"), "must be at least 1");
+                DEFAULT_MAX_CONNECTIONS
+            }
+            Some(m) => m.value as usize,
+        };
+        let max_header_bytes = match &l.max_header_bytes {
+            None => DEFAULT_MAX_HEADER_BYTES,
+            Some(m) if m.value < 8192 || m.value > 1 << 20 => {
+                ctx.err(
+                    m,
+                    format!("{field}.max_header_bytes"),
+                    "must be between 8192 and 1048576",
+                );
+                DEFAULT_MAX_HEADER_BYTES
+            }
+            Some(m) => m.value as usize,
+        };
+        let header_read_timeout = ctx.duration(
+            &l.header_read_timeout,
+            format!("{field}.header_read_timeout"),
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        if let (Some(address), Some(kind)) = (address, kind) {
+            listeners.push(Listener {
+                name,
+                address,
+                kind,
+                max_connections,
+                header_read_timeout,
+                max_header_bytes,
+            });
+        }
+    }
+
+    Config {
+        source: path.to_path_buf(),
+        admin: Admin {
+            address: admin_address,
+        },
+        access_log,
+        workers,
+        shutdown_grace,
+        listeners,
+        clusters,
+    }
+}
+
+fn socket_addr(ctx: &mut Ctx, s: &S<String>, field: &str) -> Option<SocketAddr> {
+    match s.value.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            ctx.err(
+                s,
+                field,
+                format!(
+                    "`{}` is not an address: write IP:PORT, e.g. 127.0.0.1:10000",
+                    s.value
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn cluster_ref(ctx: &mut Ctx, s: &S<String>, field: &str, names: &[String]) -> Option<ClusterId> {
+    match names.iter().position(|n| *n == s.value) {
+        Some(id) => Some(id),
+        None => {
+            let known = if names.is_empty() {
+                "no clusters are defined".to_owned()
+            } else {
+                format!("known: {}", names.join(", "))
+            };
+            ctx.err(s, field, format!("unknown cluster `{}` ({known})", s.value));
+            None
+        }
+    }
+}
+
+fn route(
+    ctx: &mut Ctx,
+    spanned: &S<FileRoute>,
+    index: usize,
+    field: &str,
+    cluster_names: &[String],
+    clusters: &[Cluster],
+) -> Option<Route> {
+    let r = &spanned.value;
+    let name = r
+        .name
+        .as_ref()
+        .map(|n| n.value.clone())
+        .unwrap_or_else(|| format!("route-{index}"));
+    let matcher = r
+        .matcher
+        .as_ref()
+        .map(|m| route_match(ctx, m, &format!("{field}.match")))
+        .unwrap_or_default();
+    let destination = match &r.cluster {
+        Some(c) => cluster_ref(ctx, c, &format!("{field}.cluster"), cluster_names)
+            .map(Destination::Cluster),
+        None => {
+            ctx.err(
+                spanned,
+                format!("{field}.cluster"),
+                "a route needs a destination: `cluster`",
+            );
+            None
+        }
+    };
+    let rewrite_prefix = match r.rewrite.as_ref().and_then(|rw| rw.prefix.as_ref()) {
+        None => None,
+        Some(p) => {
+            if !matches!(matcher.path, Some(PathMatch::Prefix(_))) {
+                ctx.err(
+                    p,
+                    format!("{field}.rewrite.prefix"),
+                    "a prefix rewrite needs `match.path.prefix` (the part it replaces)",
+                );
+            }
+            if !p.value.starts_with('/') {
+                ctx.err(p, format!("{field}.rewrite.prefix"), "must start with `/`");
+            }
+            Some(p.value.clone())
+        }
+    };
+    let request_headers = header_ops(ctx, &r.request_headers, &format!("{field}.request_headers"));
+    let response_headers = header_ops(
+        ctx,
+        &r.response_headers,
+        &format!("{field}.response_headers"),
+    );
+    let default_timeout = match destination {
+        Some(Destination::Cluster(c)) => clusters.get(c).map(|c| c.timeout),
+        None => None,
+    }
+    .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+    let timeout = ctx.duration(&r.timeout, format!("{field}.timeout"), default_timeout);
+    Some(Route {
+        name,
+        matcher,
+        rewrite_prefix,
+        request_headers,
+        response_headers,
+        timeout,
+        destination: destination?,
+    })
+}
+
+fn route_match(ctx: &mut Ctx, m: &FileMatch, field: &str) -> RouteMatch {
+    let host = m.host.as_ref().and_then(|h| {
+        let v = h.value.to_ascii_lowercase();
+        if v.contains(':') || v.contains('/') || v.is_empty() {
+            ctx.err(
+                h,
+                format!("{field}.host"),
+                "a host name without port or path, e.g. `images.local` or `*.example.com`",
+            );
+            None
+        } else if let Some(suffix) = v.strip_prefix('*') {
+            Some(HostMatch::Suffix(suffix.to_owned()))
+        } else {
+            Some(HostMatch::Exact(v))
+        }
+    });
+    let path = m
+        .path
+        .as_ref()
+        .and_then(|p| path_match(ctx, p, &format!("{field}.path")));
+    let methods = m
+        .methods
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(
+            |(i, s)| match Method::from_bytes(s.value.to_ascii_uppercase().as_bytes()) {
+                Ok(mth) => Some(mth),
+                Err(_) => {
+                    ctx.err(
+                        s,
+                        format!("{field}.methods[{i}]"),
+                        format!("`{}` is not an HTTP method", s.value),
+                    );
+                    None
+                }
+            },
+        )
+        .collect();
+    let headers = m
+        .headers
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, v)| value_match(ctx, v, &format!("{field}.headers[{i}]"), true))
+        .collect();
+    let query = m
+        .query
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, v)| value_match(ctx, v, &format!("{field}.query[{i}]"), false))
+        .collect();
+    RouteMatch {
+        host,
+        path,
+        methods,
+        headers,
+        query,
+    }
+}
+
+fn path_match(ctx: &mut Ctx, p: &S<FilePathMatch>, field: &str) -> Option<PathMatch> {
+    let v = &p.value;
+    let set: Vec<(&str, &S<String>)> = [
+        ("exact", &v.exact),
+        ("prefix", &v.prefix),
+        ("regex", &v.regex),
+        ("template", &v.template),
+    ]
+    .into_iter()
+    .filter_map(|(k, s)| s.as_ref().map(|s| (k, s)))
+    .collect();
+    if set.len() != 1 {
+        ctx.err(
+            p,
+            field,
+            "give exactly one of `exact`, `prefix`, `regex`, `template`",
+        );
+        return None;
+    }
+    let (kind, s) = set[0];
+    let field = format!("{field}.{kind}");
+    if kind != "regex" && !s.value.starts_with('/') {
+        ctx.err(s, &field, "a path must start with `/`");
+        return None;
+    }
+    match kind {
+        "exact" => Some(PathMatch::Exact(s.value.clone())),
+        "prefix" => Some(PathMatch::Prefix(s.value.clone())),
+        "regex" => match anchored_regex(&s.value) {
+            Ok(r) => Some(PathMatch::Regex(r)),
+            Err(e) => {
+                ctx.err(s, &field, e);
+                None
+            }
+        },
+        _ => match Template::parse(&s.value) {
+            Ok(t) => Some(PathMatch::Template(t)),
+            Err(e) => {
+                ctx.err(s, &field, e);
+                None
+            }
+        },
+    }
+}
+
+/// Regexes match the whole value (as Envoy's `safe_regex` does), never a substring by accident.
+fn anchored_regex(source: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{source})$")).map_err(|e| {
+        let text = e.to_string();
+        format!(
+            "invalid regex: {}",
+            text.lines().last().unwrap_or(&text).trim()
+        )
+    })
+}
+
+fn value_match(
+    ctx: &mut Ctx,
+    v: &FileValueMatch,
+    field: &str,
+    is_header: bool,
+) -> Option<ValueMatch> {
+    let header = if is_header {
+        match HeaderName::from_bytes(v.name.value.to_ascii_lowercase().as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                ctx.err(
+                    &v.name,
+                    format!("{field}.name"),
+                    format!("`{}` is not a header name", v.name.value),
+                );
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    let rule = match (&v.exact, &v.regex, &v.present) {
+        (Some(e), None, None) => ValueRule::Exact(e.value.clone()),
+        (None, Some(r), None) => match anchored_regex(&r.value) {
+            Ok(re) => ValueRule::Regex(re),
+            Err(e) => {
+                ctx.err(r, format!("{field}.regex"), e);
+                return None;
+            }
+        },
+        (None, None, Some(p)) => ValueRule::Present(p.value),
+        _ => {
+            ctx.err(
+                &v.name,
+                field,
+                "give exactly one of `exact`, `regex`, `present`",
+            );
+            return None;
+        }
+    };
+    Some(ValueMatch {
+        name: v.name.value.clone(),
+        header,
+        rule,
+    })
+}
+
+fn header_ops(ctx: &mut Ctx, ops: &Option<FileHeaderOps>, field: &str) -> HeaderOps {
+    let Some(ops) = ops else {
+        return HeaderOps::default();
+    };
+    let mut out = HeaderOps::default();
+    for (name, value) in &ops.add {
+        let Ok(n) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+            ctx.err(
+                value,
+                format!("{field}.add.{name}"),
+                format!("`{name}` is not a header name"),
+            );
+            continue;
+        };
+        match HeaderValue::from_str(&value.value) {
+            Ok(v) => out.add.push((n, v)),
+            Err(_) => ctx.err(
+                value,
+                format!("{field}.add.{name}"),
+                "not a valid header value",
+            ),
+        }
+    }
+    for (i, name) in ops.remove.iter().enumerate() {
+        match HeaderName::from_bytes(name.value.to_ascii_lowercase().as_bytes()) {
+            Ok(n) => out.remove.push(n),
+            Err(_) => ctx.err(
+                name,
+                format!("{field}.remove[{i}]"),
+                format!("`{}` is not a header name", name.value),
+            ),
+        }
+    }
+    out
+}
+
+fn cluster(ctx: &mut Ctx, name: &str, c: &FileCluster) -> Cluster {
+    let field = format!("clusters.{name}");
+    let mut endpoints = Vec::new();
+    if c.endpoints.value.is_empty() {
+        ctx.err(
+            &c.endpoints,
+            format!("{field}.endpoints"),
+            "a cluster needs at least one endpoint",
+        );
+    }
+    for (i, e) in c.endpoints.value.iter().enumerate() {
+        if let Some(spec) = endpoint(ctx, e, &format!("{field}.endpoints[{i}]")) {
+            if endpoints.contains(&spec) {
+                ctx.err(
+                    e,
+                    format!("{field}.endpoints[{i}]"),
+                    format!("endpoint {spec} is listed twice"),
+                );
+            } else {
+                endpoints.push(spec);
+            }
+        }
+    }
+    let protocol = match c.protocol.as_ref().map(|p| p.value.as_str()) {
+        None | Some("http1") => UpstreamProtocol::Http1,
+        Some("http2") => UpstreamProtocol::Http2,
+        Some(other) => {
+            if let Some(p) = &c.protocol {
+                ctx.err(
+                    p,
+                    format!("{field}.protocol"),
+                    format!("unknown protocol `{other}`: use `http1` or `http2`"),
+                );
+            }
+            UpstreamProtocol::Http1
+        }
+    };
+    let hash_on = c
+        .hash_on
+        .as_ref()
+        .and_then(|h| hash_on(ctx, h, &format!("{field}.hash_on")));
+    let balance = match c.balance.as_ref().map(|b| b.value.as_str()) {
+        None | Some("least_request") => Balance::LeastRequest,
+        Some("round_robin") => Balance::RoundRobin,
+        Some("consistent_hash") => match hash_on.clone() {
+            Some(h) => Balance::ConsistentHash(h),
+            None => {
+                if let (Some(b), None) = (&c.balance, &c.hash_on) {
+                    ctx.err(
+                        b,
+                        format!("{field}.balance"),
+                        "consistent_hash needs `hash_on` (header, query, cookie or capture)",
+                    );
+                }
+                Balance::LeastRequest
+            }
+        },
+        Some(other) => {
+            if let Some(b) = &c.balance {
+                ctx.err(b, format!("{field}.balance"), format!("unknown balance `{other}`: use least_request, round_robin or consistent_hash"));
+            }
+            Balance::LeastRequest
+        }
+    };
+    if let Some(h) = &c.hash_on {
+        if !matches!(balance, Balance::ConsistentHash(_)) {
+            ctx.err(
+                h,
+                format!("{field}.hash_on"),
+                "hash_on is used only with `balance: consistent_hash`",
+            );
+        }
+    }
+    let connect_timeout = ctx.duration(
+        &c.connect_timeout,
+        format!("{field}.connect_timeout"),
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let timeout = ctx.duration(
+        &c.timeout,
+        format!("{field}.timeout"),
+        DEFAULT_REQUEST_TIMEOUT,
+    );
+    let idle_timeout = ctx.duration(
+        &c.idle_timeout,
+        format!("{field}.idle_timeout"),
+        DEFAULT_POOL_IDLE_TIMEOUT,
+    );
+    let dns_refresh = ctx.duration(
+        &c.dns_refresh,
+        format!("{field}.dns_refresh"),
+        DEFAULT_DNS_REFRESH,
+    );
+    let max_idle_per_endpoint = c
+        .max_idle_per_endpoint
+        .as_ref()
+        .map(|m| m.value as usize)
+        .unwrap_or(256);
+    let health_check = c.health_check.as_ref().map(|h| {
+        let hfield = format!("{field}.health_check");
+        if !h.path.value.starts_with('/') {
+            ctx.err(&h.path, format!("{hfield}.path"), "must start with `/`");
+        }
+        let mut threshold = |v: &Option<S<u32>>, key: &str, default: u32| match v {
+            Some(t) if t.value == 0 => {
+                ctx.err(t, format!("{hfield}.{key}"), "must be at least 1");
+                default
+            }
+            Some(t) => t.value,
+            None => default,
+        };
+        let healthy_threshold = threshold(&h.healthy_threshold, "healthy_threshold", 2);
+        let unhealthy_threshold = threshold(&h.unhealthy_threshold, "unhealthy_threshold", 3);
+        HealthCheck {
+            path: h.path.value.clone(),
+            interval: ctx.duration(
+                &h.interval,
+                format!("{hfield}.interval"),
+                Duration::from_secs(5),
+            ),
+            timeout: ctx.duration(
+                &h.timeout,
+                format!("{hfield}.timeout"),
+                Duration::from_secs(1),
+            ),
+            healthy_threshold,
+            unhealthy_threshold,
+        }
+    });
+    Cluster {
+        name: name.to_owned(),
+        endpoints,
+        protocol,
+        balance,
+        connect_timeout,
+        timeout,
+        idle_timeout,
+        max_idle_per_endpoint,
+        dns_refresh,
+        health_check,
+    }
+}
+
+fn endpoint(ctx: &mut Ctx, e: &S<String>, field: &str) -> Option<EndpointSpec> {
+    if let Ok(addr) = e.value.parse::<SocketAddr>() {
+        return Some(EndpointSpec::Addr(addr));
+    }
+    let bad = |ctx: &mut Ctx| {
+        ctx.err(
+            e,
+            field,
+            format!("`{}` is not HOST:PORT or IP:PORT", e.value),
+        );
+        None
+    };
+    let Some((host, port)) = e.value.rsplit_once(':') else {
+        return bad(ctx);
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return bad(ctx);
+    };
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid_host || port == 0 {
+        return bad(ctx);
+    }
+    Some(EndpointSpec::Dns {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+fn hash_on(ctx: &mut Ctx, h: &S<FileHashOn>, field: &str) -> Option<HashOn> {
+    let v = &h.value;
+    match (&v.header, &v.query, &v.cookie, &v.capture) {
+        (Some(n), None, None, None) => {
+            match HeaderName::from_bytes(n.value.to_ascii_lowercase().as_bytes()) {
+                Ok(name) => Some(HashOn::Header(name)),
+                Err(_) => {
+                    ctx.err(
+                        n,
+                        format!("{field}.header"),
+                        format!("`{}` is not a header name", n.value),
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(q), None, None) => Some(HashOn::Query(q.value.clone())),
+        (None, None, Some(c), None) => Some(HashOn::Cookie(c.value.clone())),
+        (None, None, None, Some(c)) => Some(HashOn::Capture(c.value.clone())),
+        _ => {
+            ctx.err(
+                h,
+                field,
+                "give exactly one of `header`, `query`, `cookie`, `capture`",
+            );
+            None
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Errors that attache answers itself, and the one place they become HTTP responses.
+//!
+//! Every error knows its *side* (who is at fault: the client, the upstream, or attache) and
+//! whether a retry may help; [`ProxyError::response`] maps it to a status, the
+//! `x-attache-reason` header and a small JSON body `{"error": reason, "detail": ...}`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+/// The header that names why attache answered instead of the upstream.
+pub const REASON_HEADER: &str = "x-attache-reason";
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The request itself is wrong (4xx).
+    Downstream,
+    /// The upstream failed or could not be reached (5xx).
+    Upstream,
+    /// attache chose to refuse (limits, open breakers, residency).
+    Internal,
+}
+
+/// An error attache answers itself.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("cluster `{cluster}` has no healthy endpoint")]
+    NoHealthyEndpoint { cluster: String },
+    #[error("cannot connect to {endpoint}: {detail}")]
+    ConnectFailed { endpoint: String, detail: String },
+    #[error("upstream {endpoint} closed the connection before answering: {detail}")]
+    UpstreamReset { endpoint: String, detail: String },
+    #[error("upstream {endpoint} did not answer within {timeout_ms} ms")]
+    Timeout { endpoint: String, timeout_ms: u64 },
+    #[error("upstream {endpoint} sent an invalid response: {detail}")]
+    UpstreamProtocol { endpoint: String, detail: String },
+    #[error("too many connections")]
+    Overloaded,
+}
+
+impl ProxyError {
+    /// The short kebab-case reason carried by `x-attache-reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute { .. } => "no-route",
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::NoHealthyEndpoint { .. } => "no-healthy-endpoint",
+            ProxyError::ConnectFailed { .. } => "upstream-connect-failed",
+            ProxyError::UpstreamReset { .. } => "upstream-reset",
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::UpstreamProtocol { .. } => "upstream-protocol-error",
+            ProxyError::Overloaded => "overloaded",
+        }
+    }
+
+    /// The HTTP status for the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoHealthyEndpoint { .. } | ProxyError::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::ConnectFailed { .. }
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Who is at fault.
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::NoRoute { .. } | ProxyError::BadRequest(_) => Side::Downstream,
+            ProxyError::NoHealthyEndpoint { .. } | ProxyError::Overloaded => Side::Internal,
+            _ => Side::Upstream,
+        }
+    }
+
+    /// Whether another attempt (on another endpoint) may succeed. A timeout may have reached
+    /// the upstream, so it is retryable only for idempotent requests (the retry policy decides).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ConnectFailed { .. }
+                | ProxyError::UpstreamReset { .. }
+                | ProxyError::Timeout { .. }
+        )
+    }
+
+    /// The response attache sends for this error.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        error_response(self.status(), self.reason(), &self.to_string())
+    }
+}
+
+/// Builds an attache-answered error response: status, reason header and JSON body.
+pub fn error_response(
+    status: StatusCode,
+    reason: &'static str,
+    detail: &str,
+) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": reason, "detail": detail }).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(REASON_HEADER, HeaderValue::from_static(reason));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_errors_to_status_and_reason() {
+        let cases = [
+            (
+                ProxyError::NoRoute {
+                    method: "GET".into(),
+                    path: "/x".into(),
+                },
+                404,
+                "no-route",
+            ),
+            (
+                ProxyError::ConnectFailed {
+                    endpoint: "e".into(),
+                    detail: "refused".into(),
+                },
+                502,
+                "upstream-connect-failed",
+            ),
+            (
+                ProxyError::Timeout {
+                    endpoint: "e".into(),
+                    timeout_ms: 5,
+                },
+                504,
+                "timeout",
+            ),
+            (
+                ProxyError::NoHealthyEndpoint {
+                    cluster: "c".into(),
+                },
+                503,
+                "no-healthy-endpoint",
+            ),
+        ];
+        for (err, status, reason) in cases {
+            let resp = err.response();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers()[REASON_HEADER], reason);
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! `attache explain`: what a request would get, computed by the same decision code the proxy
+//! runs ([`route::select`], [`balance::pick`]), without sending anything.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicUsize;
+
+use serde::Serialize;
+
+use crate::balance::{self, stable_hash, Candidate};
+use crate::config::{
+    format_duration, Balance, Config, Destination, HashOn, ListenerKind, PathMatch,
+};
+use crate::route::{self, RequestHead};
+
+/// The decision for one request, for people (`Display`) and machines (`Serialize`).
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub request: String,
+    pub listener: Option<String>,
+    pub listener_address: Option<String>,
+    pub routes: Vec<RouteCheck>,
+    pub route: Option<String>,
+    pub captures: BTreeMap<String, String>,
+    pub cluster: Option<ClusterChoice>,
+    pub upstream_path: Option<String>,
+    pub timeout: Option<String>,
+    /// What happens: `forward`, or the status and reason attache would answer with.
+    pub outcome: String,
+}
+
+/// One route tried, in order.
+#[derive(Debug, Serialize)]
+pub struct RouteCheck {
+    pub name: String,
+    pub matched: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why_not: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterChoice {
+    pub name: String,
+    pub protocol: String,
+    pub balance: String,
+    pub endpoints: Vec<String>,
+    /// The endpoint the balance would pick when it is deterministic (consistent hash).
+    pub endpoint: Option<String>,
+    pub hash_key: Option<String>,
+    pub connect_timeout: String,
+}
+
+struct Static {
+    identity: u64,
+}
+
+impl Candidate for Static {
+    fn available(&self) -> bool {
+        true
+    }
+    fn load(&self) -> u32 {
+        0
+    }
+    fn identity(&self) -> u64 {
+        self.identity
+    }
+}
+
+/// Explains `req` against `config`.
+pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
+    let request = format!("{} {}", req.method(), req.uri());
+    let port = req.uri().port_u16();
+    let listener = config
+        .listeners
+        .iter()
+        .filter(|l| matches!(l.kind, ListenerKind::Http { .. }))
+        .find(|l| Some(l.address.port()) == port)
+        .or_else(|| {
+            config
+                .listeners
+                .iter()
+                .find(|l| matches!(l.kind, ListenerKind::Http { .. }))
+        });
+    let mut out = Explanation {
+        request,
+        listener: listener.map(|l| l.name.clone()),
+        listener_address: listener.map(|l| l.address.to_string()),
+        routes: Vec::new(),
+        route: None,
+        captures: BTreeMap::new(),
+        cluster: None,
+        upstream_path: None,
+        timeout: None,
+        outcome: String::new(),
+    };
+    let Some(ListenerKind::Http { routes, .. }) = listener.map(|l| &l.kind) else {
+        out.outcome = "no HTTP listener in this config".into();
+        return out;
+    };
+    let head = RequestHead::new(req.method(), req.uri(), req.headers());
+    let decision = route::select(routes, &head);
+    for (i, r) in routes.iter().enumerate() {
+        let result = route::check(&r.matcher, &head);
+        out.routes.push(RouteCheck {
+            name: r.name.clone(),
+            matched: result.is_ok(),
+            why_not: result.err().map(|m| m.describe(&r.matcher)),
+        });
+        if decision.is_some_and(|d| d.route == i) {
+            break;
+        }
+    }
+    let Some(decision) = decision else {
+        out.outcome = "404 no-route".into();
+        return out;
+    };
+    let r = &routes[decision.route];
+    out.route = Some(r.name.clone());
+    if let Some(PathMatch::Template(t)) = &r.matcher.path {
+        for (name, value) in decision.captures.iter(head.path) {
+            out.captures
+                .insert(t.names()[name].clone(), value.to_owned());
+        }
+    }
+    out.upstream_path = Some(match (&r.rewrite_prefix, &r.matcher.path) {
+        (Some(to), Some(PathMatch::Prefix(from))) => {
+            route::rewrite_prefix(head.path, from, to).into_owned()
+        }
+        _ => head.path.to_owned(),
+    });
+    out.timeout = Some(format_duration(r.timeout));
+    let Destination::Cluster(c) = r.destination;
+    let cluster = &config.clusters[c];
+    let hash_key = match &cluster.balance {
+        Balance::ConsistentHash(on) => match on {
+            HashOn::Header(h) => head.header(h).map(str::to_owned),
+            HashOn::Query(q) => head.query_param(q).map(|v| v.into_owned()),
+            HashOn::Cookie(k) => head.cookie(k).map(str::to_owned),
+            HashOn::Capture(n) => match &r.matcher.path {
+                Some(PathMatch::Template(t)) => t
+                    .name_index(n)
+                    .and_then(|i| decision.captures.get(i, head.path))
+                    .map(str::to_owned),
+                _ => None,
+            },
+        },
+        _ => None,
+    };
+    let endpoints: Vec<String> = cluster.endpoints.iter().map(|e| e.to_string()).collect();
+    let endpoint = hash_key.as_ref().and_then(|k| {
+        let statics: Vec<Static> = endpoints
+            .iter()
+            .map(|e| Static {
+                identity: balance::identity_of(e),
+            })
+            .collect();
+        balance::pick(
+            &cluster.balance,
+            &statics,
+            &AtomicUsize::new(0),
+            Some(stable_hash(k.as_bytes())),
+            None,
+        )
+        .map(|i| endpoints[i].clone())
+    });
+    out.cluster = Some(ClusterChoice {
+        name: cluster.name.clone(),
+        protocol: format!("{:?}", cluster.protocol).to_lowercase(),
+        balance: match &cluster.balance {
+            Balance::ConsistentHash(on) => format!("consistent_hash on {on}"),
+            b => b.name().to_owned(),
+        },
+        endpoints,
+        endpoint,
+        hash_key,
+        connect_timeout: format_duration(cluster.connect_timeout),
+    });
+    out.outcome = "forward".into();
+    out
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::new();
+        let _ = writeln!(s, "request     {}", self.request);
+        match (&self.listener, &self.listener_address) {
+            (Some(n), Some(a)) => {
+                let _ = writeln!(s, "listener    {n} ({a})");
+            }
+            _ => {
+                let _ = writeln!(s, "listener    (none)");
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let label = if i == 0 { "routes" } else { "" };
+            let verdict = if r.matched {
+                "matched (first match wins)".to_owned()
+            } else {
+                format!("no: {}", r.why_not.as_deref().unwrap_or(""))
+            };
+            let _ = writeln!(s, "{label:<11} {:<20} {verdict}", r.name);
+        }
+        if let Some(r) = &self.route {
+            let _ = writeln!(s, "route       {r}");
+        }
+        if !self.captures.is_empty() {
+            let caps: Vec<String> = self
+                .captures
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(s, "captures    {}", caps.join(" "));
+        }
+        if let Some(c) = &self.cluster {
+            let _ = writeln!(s, "cluster     {} ({}, {})", c.name, c.protocol, c.balance);
+            let _ = writeln!(s, "endpoints   {}", c.endpoints.join(", "));
+            if let Some(k) = &c.hash_key {
+                let _ = writeln!(s, "hash key    {k}");
+            }
+            match &c.endpoint {
+                Some(e) => {
+                    let _ = writeln!(s, "endpoint    {e} (when healthy)");
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "endpoint    chosen per request by {}, among healthy endpoints",
+                        c.balance
+                    );
+                }
+            }
+        }
+        if let Some(p) = &self.upstream_path {
+            let _ = writeln!(s, "upstream    path {p}");
+        }
+        if let (Some(t), Some(c)) = (&self.timeout, &self.cluster) {
+            let _ = writeln!(
+                s,
+                "policies    timeout {t} (response head), connect_timeout {}",
+                c.connect_timeout
+            );
+        }
+        let _ = write!(s, "outcome     {}", self.outcome);
+        f.write_str(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn explains_a_template_route_with_consistent_hash() {
+        let config = Config::parse(
+            r#"
+listeners:
+  - name: main
+    address: 127.0.0.1:10000
+    routes:
+      - name: health
+        match: { path: { exact: /healthz } }
+        cluster: images
+      - name: by-user
+        match: { path: { template: "/images/{user}/{rest*}" } }
+        cluster: images
+clusters:
+  images:
+    endpoints: [127.0.0.1:8081, 127.0.0.1:8082, 127.0.0.1:8083]
+    balance: consistent_hash
+    hash_on: { capture: user }
+"#,
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let req = http::Request::get("http://127.0.0.1:10000/images/priya/a.png")
+            .body(())
+            .unwrap();
+        let e = explain(&config, &req);
+        assert_eq!(e.route.as_deref(), Some("by-user"));
+        assert_eq!(e.captures["user"], "priya");
+        assert_eq!(e.routes.len(), 2);
+        assert!(!e.routes[0].matched);
+        let c = e.cluster.as_ref().unwrap();
+        assert_eq!(c.hash_key.as_deref(), Some("priya"));
+        let first = c.endpoint.clone().unwrap();
+        // The same key always names the same endpoint.
+        let again = explain(&config, &req);
+        assert_eq!(again.cluster.unwrap().endpoint.unwrap(), first);
+        let text = e.to_string();
+        assert!(text.contains("route       by-user"), "{text}");
+        assert!(text.contains("outcome     forward"), "{text}");
+
+        let req = http::Request::get("http://127.0.0.1:10000/nothing")
+            .body(())
+            .unwrap();
+        assert_eq!(explain(&config, &req).outcome, "404 no-route");
+    }
+}

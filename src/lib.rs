@@ -1,0 +1,54 @@
+//! attache: an ambassador sidecar.
+//!
+//! An application talks plain HTTP (or TCP) to attache on localhost; attache sends each request
+//! to the right remote service and adds what every client should have: routing, load
+//! balancing, health checks, timeouts, metrics and access logs (shard routing with residency,
+//! splits, retries, breakers and TLS follow in later issues, each one more kind of destination
+//! or one more step in [`proxy::forward`]).
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the YAML file, its validation into an immutable [`config::Config`] |
+//! | [`listener`] | sockets (SO_REUSEPORT per worker), HTTP/1.1 + h2c and TCP accept loops |
+//! | [`route`] | route selection: a pure function of the request head |
+//! | [`balance`] | endpoint selection: least request (P2C), round robin, consistent hash |
+//! | [`upstream`] | clusters at run time: endpoints, pools, DNS, health checks |
+//! | [`proxy`] | the request path, step by step, and per-request accounting |
+//! | [`error`] | errors attache answers itself and their HTTP mapping |
+//! | [`telemetry`] | Prometheus metrics and the JSON access log |
+//! | [`admin`] | the admin listener: `/ready`, `/live`, `/metrics`, `/config`, `/clusters`, `/` |
+//! | [`explain`] | `attache explain`: the proxy's decision for a request, without sending it |
+//! | [`state`] | the config snapshot swapped on reload, shared by every worker |
+//! | [`server`] | process lifecycle: workers, signals, reload, drain |
+//!
+//! # Request path
+//!
+//! ```text
+//!  app ──HTTP──▶ listener (worker thread, own socket)
+//!                  │
+//!                  ▼
+//!          proxy::handle ── snapshot.load() ── Completion (metrics + log on body end)
+//!                  │
+//!     decide:  route::select ─▶ destination ─▶ balance::pick
+//!                  │
+//!     act:     prepare_request (rewrite, hop-by-hop, forwarded, headers)
+//!                  │
+//!              upstream pool (per worker, per cluster) ──▶ endpoint
+//!                  │
+//!              response ──▶ header ops ──▶ streamed back to the app
+//! ```
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod error;
+pub mod explain;
+pub mod listener;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,203 @@
+//! Shared run-time state: the current config snapshot (swapped whole on reload), metrics, the
+//! access log, and readiness.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{self, Config, ListenerKind};
+use crate::telemetry::{AccessLog, ListenerStats, Metrics, RouteStats};
+use crate::upstream::{self, ClusterState};
+
+/// Everything a request needs from one config generation. A request loads it once and finishes
+/// on it, even if a reload swaps in another meanwhile.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    /// Run-time clusters, indexed like `config.clusters`.
+    pub clusters: Vec<Arc<ClusterState>>,
+    /// Per listener (indexed like `config.listeners`): metric handles.
+    pub listeners: Vec<ListenerRuntime>,
+    pub generation: u64,
+}
+
+/// Metric handles of one listener and its routes.
+#[derive(Debug)]
+pub struct ListenerRuntime {
+    pub stats: ListenerStats,
+    pub routes: Vec<RouteStats>,
+}
+
+/// State shared by every worker, the admin listener and the signal handler.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+    pub workers: usize,
+    pub config_path: PathBuf,
+    /// Open client connections per listener (for `max_connections`).
+    pub connections: Vec<AtomicUsize>,
+    ready: AtomicBool,
+    generation: AtomicU64,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; clusters whose definition did not change are taken over from
+    /// `previous` with their state (health, pools).
+    pub fn build(
+        config: Config,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+        workers: usize,
+        generation: u64,
+    ) -> Snapshot {
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| {
+                previous
+                    .and_then(|p| p.clusters.iter().find(|old| old.config == *c))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        ClusterState::new(c.clone(), workers, metrics.cluster(&c.name))
+                    })
+            })
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| ListenerRuntime {
+                stats: metrics.listener(&l.name),
+                routes: match &l.kind {
+                    ListenerKind::Http { routes, .. } => routes
+                        .iter()
+                        .map(|r| metrics.route(&l.name, &r.name))
+                        .collect(),
+                    ListenerKind::Tcp { .. } => Vec::new(),
+                },
+            })
+            .collect();
+        Snapshot {
+            config,
+            clusters,
+            listeners,
+            generation,
+        }
+    }
+
+    /// Starts DNS resolution and health checks for clusters new in this snapshot, and resolves
+    /// their DNS endpoints once before the snapshot serves.
+    pub async fn start(&self, previous: Option<&Snapshot>) {
+        for c in &self.clusters {
+            let reused = previous.is_some_and(|p| p.clusters.iter().any(|o| Arc::ptr_eq(o, c)));
+            if reused {
+                continue;
+            }
+            if c.config.uses_dns() {
+                if let Err(e) = c.resolve().await {
+                    tracing::warn!(cluster = %c.config.name, error = %e, "DNS resolution failed");
+                }
+            }
+            upstream::spawn_background(c);
+        }
+    }
+}
+
+impl Shared {
+    /// Shared state for a first, valid config.
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        workers: usize,
+        access_log: AccessLog,
+    ) -> Arc<Shared> {
+        let metrics = Metrics::new();
+        let connections = config
+            .listeners
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let snapshot = Snapshot::build(config, None, &metrics, workers, 1);
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            access_log,
+            workers,
+            config_path,
+            connections,
+            ready: AtomicBool::new(false),
+            generation: AtomicU64::new(1),
+        })
+    }
+
+    /// Whether `/ready` says yes.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Re-reads the config file and swaps it in when valid. A bad file is refused with its
+    /// errors and the running config stays.
+    pub async fn reload(&self) -> Result<u64, String> {
+        let result = self.try_reload().await;
+        self.metrics.reload(result.is_ok());
+        match &result {
+            Ok(generation) => tracing::info!(generation, "config reloaded"),
+            Err(e) => tracing::error!("config reload refused; the running config stays:\n{e}"),
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<u64, String> {
+        let config = Config::load(&self.config_path).map_err(|e| e.to_string())?;
+        let current = self.snapshot.load_full();
+        check_listeners_unchanged(&current.config, &config)?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let next = Snapshot::build(
+            config,
+            Some(&current),
+            &self.metrics,
+            self.workers,
+            generation,
+        );
+        next.start(Some(&current)).await;
+        self.snapshot.store(Arc::new(next));
+        Ok(generation)
+    }
+}
+
+/// Listeners are bound once at start; a reload may change routes and clusters, not sockets.
+fn check_listeners_unchanged(old: &Config, new: &Config) -> Result<(), String> {
+    let shape = |c: &Config| -> Vec<(String, std::net::SocketAddr, bool)> {
+        c.listeners
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.address,
+                    matches!(l.kind, ListenerKind::Tcp { .. }),
+                )
+            })
+            .collect()
+    };
+    if shape(old) != shape(new) || old.admin != new.admin {
+        return Err(format!(
+            "{}: listeners or the admin address changed; that needs a restart",
+            new.source.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Access log target: the flag overrides the config.
+pub fn access_log_target(config: &Config, flag: Option<&str>) -> config::AccessLog {
+    match flag {
+        Some(f) => config::AccessLog::parse(f),
+        None => config.access_log.clone(),
+    }
+}

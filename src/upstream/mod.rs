@@ -1,0 +1,293 @@
+//! Upstream clusters at run time: endpoints with their live state, connection pools, endpoint
+//! discovery (static and DNS) and active health checks.
+//!
+//! A [`ClusterState`] is built from a config [`Cluster`] and kept across reloads while its
+//! definition does not change, so endpoint health, in-flight counts and pooled connections
+//! survive a reload. Each worker thread has its own pool ([`ClusterState::client`]), so pool
+//! bookkeeping never crosses threads.
+
+mod health;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::uri::Authority;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::balance::{self, Candidate};
+use crate::config::{Cluster, EndpointSpec, UpstreamProtocol};
+use crate::telemetry::ClusterStats;
+
+pub use health::spawn_background;
+
+/// A request body as sent upstream: streamed from the client, or replayed from a buffer.
+pub type ReqBody = Either<Incoming, Full<Bytes>>;
+
+/// A pooled HTTP client for one cluster on one worker.
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, ReqBody>;
+
+/// One upstream address and what attache knows of it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once.
+    pub authority: Authority,
+    identity: u64,
+    in_flight: AtomicU32,
+    healthy: AtomicBool,
+    health_successes: AtomicU32,
+    health_failures: AtomicU32,
+    /// Requests sent to this endpoint.
+    pub requests: AtomicU64,
+    /// Requests that failed (connect errors, resets, timeouts).
+    pub failures: AtomicU64,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr) -> Arc<Endpoint> {
+        let authority = Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("invalid"));
+        Arc::new(Endpoint {
+            addr,
+            authority,
+            identity: balance::identity_of(&addr.to_string()),
+            in_flight: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            health_successes: AtomicU32::new(0),
+            health_failures: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether health checks currently let it take traffic.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Records a health check result; returns the new health when it changed.
+    fn health_result(
+        &self,
+        ok: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
+        if ok {
+            self.health_failures.store(0, Ordering::Relaxed);
+            let n = self.health_successes.fetch_add(1, Ordering::Relaxed) + 1;
+            if !self.healthy() && n >= healthy_threshold {
+                self.healthy.store(true, Ordering::Relaxed);
+                return Some(true);
+            }
+        } else {
+            self.health_successes.store(0, Ordering::Relaxed);
+            let n = self.health_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.healthy() && n >= unhealthy_threshold {
+                self.healthy.store(false, Ordering::Relaxed);
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+impl Candidate for Arc<Endpoint> {
+    fn available(&self) -> bool {
+        self.healthy()
+    }
+    fn load(&self) -> u32 {
+        self.in_flight()
+    }
+    fn identity(&self) -> u64 {
+        self.identity
+    }
+}
+
+/// A request in flight to an endpoint; dropping it ends the request.
+#[derive(Debug)]
+pub struct InFlight(pub Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A cluster at run time.
+pub struct ClusterState {
+    pub config: Cluster,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    counter: AtomicUsize,
+    clients: Vec<Client>,
+    pub stats: ClusterStats,
+}
+
+impl std::fmt::Debug for ClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterState")
+            .field("name", &self.config.name)
+            .finish()
+    }
+}
+
+impl ClusterState {
+    /// Builds a cluster with one pool per worker. DNS endpoints join on the first resolution.
+    pub fn new(config: Cluster, workers: usize, stats: ClusterStats) -> Arc<ClusterState> {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .filter_map(|e| match e {
+                EndpointSpec::Addr(a) => Some(Endpoint::new(*a)),
+                EndpointSpec::Dns { .. } => None,
+            })
+            .collect();
+        let clients = (0..workers.max(1)).map(|_| build_client(&config)).collect();
+        Arc::new(ClusterState {
+            config,
+            endpoints: ArcSwap::from_pointee(endpoints),
+            counter: AtomicUsize::new(0),
+            clients,
+            stats,
+        })
+    }
+
+    /// The current endpoints.
+    pub fn endpoints(&self) -> arc_swap::Guard<Arc<Vec<Arc<Endpoint>>>> {
+        self.endpoints.load()
+    }
+
+    /// Picks an endpoint with the cluster's balance; `key` is the hashed consistent-hash key.
+    pub fn pick(&self, key: Option<u64>, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+        let endpoints = self.endpoints.load();
+        let avoid = avoid.and_then(|a| endpoints.iter().position(|e| e.addr == a));
+        balance::pick(&self.config.balance, &endpoints, &self.counter, key, avoid)
+            .map(|i| endpoints[i].clone())
+    }
+
+    /// This worker's pooled client.
+    pub fn client(&self, worker: usize) -> &Client {
+        &self.clients[worker % self.clients.len()]
+    }
+
+    /// Re-resolves DNS endpoints; keeps the state of addresses that stay.
+    pub async fn resolve(&self) -> Result<(), String> {
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        let mut errors = Vec::new();
+        for spec in &self.config.endpoints {
+            match spec {
+                EndpointSpec::Addr(a) => addrs.push(*a),
+                EndpointSpec::Dns { host, port } => {
+                    match tokio::net::lookup_host((host.as_str(), *port)).await {
+                        Ok(found) => addrs.extend(found),
+                        Err(e) => errors.push(format!("{host}: {e}")),
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() && addrs.is_empty() {
+            // Keep the last known endpoints rather than emptying the cluster.
+            return Err(errors.join("; "));
+        }
+        addrs.sort();
+        addrs.dedup();
+        let old = self.endpoints.load();
+        let next: Vec<Arc<Endpoint>> = addrs
+            .into_iter()
+            .map(|a| {
+                old.iter()
+                    .find(|e| e.addr == a)
+                    .cloned()
+                    .unwrap_or_else(|| Endpoint::new(a))
+            })
+            .collect();
+        self.endpoints.store(Arc::new(next));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// `/clusters` view.
+    pub fn status_json(&self) -> serde_json::Value {
+        let endpoints: Vec<_> = self
+            .endpoints
+            .load()
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "address": e.addr.to_string(),
+                    "healthy": e.healthy(),
+                    "in_flight": e.in_flight(),
+                    "requests": e.requests.load(Ordering::Relaxed),
+                    "failures": e.failures.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        let healthy = self.endpoints.load().iter().filter(|e| e.healthy()).count();
+        serde_json::json!({
+            "name": self.config.name,
+            "balance": self.config.balance.name(),
+            "healthy_endpoints": healthy,
+            "endpoints": endpoints,
+        })
+    }
+}
+
+fn build_client(config: &Cluster) -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector.enforce_http(true);
+    let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.idle_timeout)
+        .pool_max_idle_per_host(config.max_idle_per_endpoint)
+        // A request on a pooled connection that the upstream closed meanwhile is retried once
+        // on a fresh connection: it never reached the upstream.
+        .retry_canceled_requests(true)
+        .set_host(false);
+    if config.protocol == UpstreamProtocol::Http2 {
+        builder.http2_only(true);
+    }
+    builder.build(connector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_thresholds() {
+        let e = Endpoint::new("127.0.0.1:1".parse().unwrap());
+        assert_eq!(e.health_result(false, 2, 3), None);
+        assert_eq!(e.health_result(false, 2, 3), None);
+        assert_eq!(e.health_result(false, 2, 3), Some(false));
+        assert!(!e.healthy());
+        assert_eq!(e.health_result(true, 2, 3), None);
+        assert_eq!(e.health_result(false, 2, 3), None);
+        assert_eq!(e.health_result(true, 2, 3), None);
+        assert_eq!(e.health_result(true, 2, 3), Some(true));
+        assert!(e.healthy());
+    }
+}
