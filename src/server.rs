@@ -219,7 +219,9 @@ async fn worker(
         })
     };
     let snapshot = shared.snapshot.load_full();
-    let mut http_loops = Vec::new();
+    // Every accept loop runs until the shutdown signal; the drain starts when all have stopped.
+    let mut loops: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> =
+        Vec::new();
     let mut tcp_listeners = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
         let socket = match TcpListener::from_std(socket) {
@@ -230,27 +232,27 @@ async fn worker(
             }
         };
         match snapshot.config.listeners[i].kind {
-            ListenerKind::Http { .. } => http_loops.push(listener::http::serve(
+            ListenerKind::Http { .. } => loops.push(Box::pin(listener::http::serve(
                 socket,
                 i,
                 index,
                 shared.clone(),
                 &graceful,
                 shutdown.clone(),
-            )),
+            ))),
             ListenerKind::Tcp { .. } => {
                 tcp_listeners.push(i);
-                tokio::spawn(listener::tcp::serve(
+                loops.push(Box::pin(listener::tcp::serve(
                     socket,
                     i,
                     shared.clone(),
                     shutdown.clone(),
-                ));
+                )));
             }
         }
     }
     drop(snapshot);
-    futures_util::future::join_all(http_loops).await;
+    futures_util::future::join_all(loops).await;
     let grace = shared.snapshot.load().config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     if tokio::time::timeout_at(deadline, graceful.shutdown())

@@ -55,21 +55,25 @@ impl Ctx {
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let file_name = path.display().to_string();
     let options = serde_saphyr::options! { with_snippet: false };
-    let parsed: Result<FileConfig, (String, serde_saphyr::Error)> =
-        match serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
-            Ok(serde_path_to_error::deserialize(de)
-                .map_err(|e| (e.path().to_string(), e.into_inner())))
-        }) {
-            Ok(inner) => inner,
-            Err(e) => Err((String::new(), e)),
-        };
+    // serde_path_to_error names the field; the closure hands its path out through `field`
+    // and returns the error itself, so that the parser stops at the first structural error.
+    let mut field = String::new();
+    let parsed: Result<FileConfig, serde_saphyr::Error> =
+        serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                field = e.path().to_string();
+                e.into_inner()
+            })
+        });
     let file = match parsed {
         Ok(f) => f,
-        Err((field, e)) => {
+        Err(e) => {
             let (line, column) = e
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((0, 0));
+            // `Spanned` fields show up as `.value` in the path: users never wrote those.
+            let field = field.replace(".value", "");
             let field = if field.is_empty() || field == "." {
                 "(document)".to_owned()
             } else {
@@ -165,7 +169,8 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
         }
         seen_names.insert(name.clone(), i);
         let address = socket_addr(ctx, &l.address, &format!("{field}.address"));
-        if let Some(a) = address {
+        // Port 0 ("any free port", used by tests and the demo) never collides.
+        if let Some(a) = address.filter(|a| a.port() != 0) {
             if let Some(prev) = seen_addrs.get(&a) {
                 ctx.err(
                     &l.address,
