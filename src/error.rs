@@ -41,6 +41,30 @@ pub enum ProxyError {
     UpstreamProtocol { endpoint: String, detail: String },
     #[error("too many connections")]
     Overloaded,
+    #[error("the request has no shard key ({from})")]
+    ShardKeyMissing { from: String },
+    #[error("the shard key is unusable: {0}")]
+    ShardKeyInvalid(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("the directory does not know this key")]
+    ShardKeyUnknown,
+    #[error("the directory is unavailable: {0}")]
+    DirectoryUnavailable(String),
+    #[error("no shard may hold data of region {region}")]
+    ResidencyDenied { region: String },
+    #[error("no shard allowed for this key can serve it (allowed: {allowed}): {detail}")]
+    ResidencyUnavailable { allowed: String, detail: String },
+    #[error("shard {shard} cannot serve: {detail}")]
+    ShardUnavailable { shard: String, detail: String },
+    #[error("the directory named shard `{0}`, which this shard set does not have")]
+    DirectoryBadShard(String),
+    #[error("{count} keys in one batch; at most {max}")]
+    TooManyKeys { count: usize, max: usize },
+    #[error("{what} is larger than {max} bytes")]
+    TooLarge { what: &'static str, max: usize },
+    #[error("every shard of the batch failed: {0}")]
+    AllShardsFailed(String),
 }
 
 impl ProxyError {
@@ -55,17 +79,39 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream-protocol-error",
             ProxyError::Overloaded => "overloaded",
+            ProxyError::ShardKeyMissing { .. } => "shard-key-missing",
+            ProxyError::ShardKeyInvalid(_) => "shard-key-invalid",
+            ProxyError::Unauthorized(_) => "jwt-invalid",
+            ProxyError::ShardKeyUnknown => "shard-key-unknown",
+            ProxyError::DirectoryUnavailable(_) => "directory-unavailable",
+            ProxyError::ResidencyDenied { .. } => "residency-denied",
+            ProxyError::ResidencyUnavailable { .. } => "residency-unavailable",
+            ProxyError::ShardUnavailable { .. } => "shard-unavailable",
+            ProxyError::DirectoryBadShard(_) => "directory-bad-shard",
+            ProxyError::TooManyKeys { .. } => "too-many-keys",
+            ProxyError::TooLarge { .. } => "too-large",
+            ProxyError::AllShardsFailed(_) => "all-shards-unavailable",
         }
     }
 
     /// The HTTP status for the client.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NoHealthyEndpoint { .. } | ProxyError::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoRoute { .. } | ProxyError::ShardKeyUnknown => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_)
+            | ProxyError::ShardKeyMissing { .. }
+            | ProxyError::ShardKeyInvalid(_)
+            | ProxyError::TooManyKeys { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::ResidencyDenied { .. } => StatusCode::FORBIDDEN,
+            ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoHealthyEndpoint { .. }
+            | ProxyError::Overloaded
+            | ProxyError::DirectoryUnavailable(_)
+            | ProxyError::ResidencyUnavailable { .. }
+            | ProxyError::ShardUnavailable { .. }
+            | ProxyError::AllShardsFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::DirectoryBadShard(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ConnectFailed { .. }
             | ProxyError::UpstreamReset { .. }
             | ProxyError::UpstreamProtocol { .. } => StatusCode::BAD_GATEWAY,
@@ -76,8 +122,20 @@ impl ProxyError {
     /// Who is at fault.
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::NoRoute { .. } | ProxyError::BadRequest(_) => Side::Downstream,
-            ProxyError::NoHealthyEndpoint { .. } | ProxyError::Overloaded => Side::Internal,
+            ProxyError::NoRoute { .. }
+            | ProxyError::BadRequest(_)
+            | ProxyError::ShardKeyMissing { .. }
+            | ProxyError::ShardKeyInvalid(_)
+            | ProxyError::Unauthorized(_)
+            | ProxyError::ShardKeyUnknown
+            | ProxyError::TooManyKeys { .. }
+            | ProxyError::TooLarge { .. } => Side::Downstream,
+            ProxyError::NoHealthyEndpoint { .. }
+            | ProxyError::Overloaded
+            | ProxyError::ResidencyDenied { .. }
+            | ProxyError::ResidencyUnavailable { .. }
+            | ProxyError::ShardUnavailable { .. }
+            | ProxyError::AllShardsFailed(_) => Side::Internal,
             _ => Side::Upstream,
         }
     }
@@ -115,6 +173,24 @@ pub fn error_response(
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+impl ProxyError {
+    /// The error for a request that could not be given a shard.
+    pub fn from_refusal(r: crate::shard::Refusal, key_source: &str) -> ProxyError {
+        use crate::shard::{KeyError, Refusal};
+        match r {
+            Refusal::Key(KeyError::Missing) => ProxyError::ShardKeyMissing {
+                from: key_source.to_owned(),
+            },
+            Refusal::Key(KeyError::Invalid(e)) => ProxyError::ShardKeyInvalid(e),
+            Refusal::Key(KeyError::Unauthorized(e)) => ProxyError::Unauthorized(e),
+            Refusal::UnknownKey => ProxyError::ShardKeyUnknown,
+            Refusal::DirectoryUnavailable(e) => ProxyError::DirectoryUnavailable(e),
+            Refusal::NoRule { region } => ProxyError::ResidencyDenied { region },
+            Refusal::BadShard { name } => ProxyError::DirectoryBadShard(name),
+        }
+    }
 }
 
 #[cfg(test)]

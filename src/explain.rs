@@ -22,6 +22,8 @@ pub struct Explanation {
     pub routes: Vec<RouteCheck>,
     pub route: Option<String>,
     pub captures: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardChoice>,
     pub cluster: Option<ClusterChoice>,
     pub upstream_path: Option<String>,
     pub timeout: Option<String>,
@@ -88,6 +90,7 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
         routes: Vec::new(),
         route: None,
         captures: BTreeMap::new(),
+        shards: None,
         cluster: None,
         upstream_path: None,
         timeout: None,
@@ -129,7 +132,20 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
         _ => head.path.to_owned(),
     });
     out.timeout = Some(format_duration(r.timeout));
-    let Destination::Cluster(c) = r.destination;
+    let c = match r.destination {
+        Destination::Cluster(c) => c,
+        Destination::Shards(set_id) => {
+            let set = &config.shard_sets[set_id];
+            let choice = explain_shards(config, set, &head, &decision.captures, r);
+            let chosen = choice.chosen.clone();
+            out.outcome = choice.outcome.clone();
+            out.shards = Some(choice);
+            match chosen.and_then(|n| set.shards.iter().find(|s| s.name == n)) {
+                Some(s) => s.cluster,
+                None => return out,
+            }
+        }
+    };
     let cluster = &config.clusters[c];
     let hash_key = match &cluster.balance {
         Balance::ConsistentHash(on) => match on {
@@ -175,8 +191,170 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
         hash_key,
         connect_timeout: format_duration(cluster.connect_timeout),
     });
-    out.outcome = "forward".into();
+    if out.outcome.is_empty() {
+        out.outcome = "forward".into();
+    }
     out
+}
+
+/// The shard part of an explanation.
+#[derive(Debug, Serialize)]
+pub struct ShardChoice {
+    pub shard_set: String,
+    pub key_source: String,
+    pub key: Option<String>,
+    pub directory: Option<String>,
+    /// The directory's answer (a region or a shard), when explain can know it offline.
+    pub located: Option<String>,
+    /// How the directory would be asked, for lookup services.
+    pub lookup: Option<String>,
+    pub region: Option<String>,
+    pub residency: BTreeMap<String, Vec<String>>,
+    pub allowed: Vec<String>,
+    /// The first allowed shard: the one taken while it is healthy.
+    pub chosen: Option<String>,
+    pub failover: Vec<String>,
+    pub outcome: String,
+}
+
+fn explain_shards(
+    config: &Config,
+    set: &crate::config::ShardSet,
+    head: &RequestHead<'_>,
+    captures: &crate::route::Captures,
+    route: &crate::config::Route,
+) -> ShardChoice {
+    use crate::config::{DirectorySource, Locate};
+    let names = |ids: &[usize]| {
+        ids.iter()
+            .map(|i| set.shards[*i].name.clone())
+            .collect::<Vec<_>>()
+    };
+    let mut c = ShardChoice {
+        shard_set: set.name.clone(),
+        key_source: set.key.to_string(),
+        key: None,
+        directory: None,
+        located: None,
+        lookup: None,
+        region: None,
+        residency: set
+            .residency
+            .rules
+            .iter()
+            .map(|(r, ids)| (r.clone(), names(ids)))
+            .collect(),
+        allowed: Vec::new(),
+        chosen: None,
+        failover: Vec::new(),
+        outcome: String::new(),
+    };
+    if let Some(d) = &set.residency.default {
+        c.residency.insert("*".into(), names(d));
+    }
+    if route.batch.is_some() {
+        c.outcome =
+            "scatter-gather: keys are grouped by shard; each group follows the rules above".into();
+        return c;
+    }
+    let key = match crate::shard::key::extract(&set.key, head, captures, route) {
+        Ok(k) => k.into_owned(),
+        Err(crate::shard::KeyError::Missing) => {
+            match set.default_shard {
+                Some(d) => {
+                    c.allowed = vec![set.shards[d].name.clone()];
+                    c.chosen = Some(set.shards[d].name.clone());
+                    c.outcome = "forward (no key: the default shard)".into();
+                }
+                None => c.outcome = "400 shard-key-missing".into(),
+            }
+            return c;
+        }
+        Err(e) => {
+            c.outcome = format!("{e:?}");
+            return c;
+        }
+    };
+    c.key = Some(key.clone());
+    let dir = match set.locate {
+        Locate::Region(d) | Locate::Shard(d) => Some(&config.directories[d]),
+        Locate::Hash => None,
+    };
+    let located: Option<Option<String>> = dir.and_then(|d| {
+        c.directory = Some(d.name.clone());
+        match &d.source {
+            DirectorySource::Table(t) => Some(t.get(&key).cloned()),
+            DirectorySource::File(p) => crate::shard::directory::read_table_file(p)
+                .ok()
+                .map(|t| t.get(&key).map(|v| v.to_string())),
+            DirectorySource::Http { cluster, path, .. } => {
+                c.lookup = Some(format!(
+                    "GET {}{} on cluster {} (cached; not sent by explain)",
+                    "",
+                    crate::shard::directory::lookup_path(path, &key),
+                    config.clusters[*cluster].name
+                ));
+                None
+            }
+        }
+    });
+    let allowed: Vec<usize> = match (set.locate, located) {
+        (Locate::Hash, _) => {
+            let k = stable_hash(key.as_bytes());
+            let id = (0..set.shards.len())
+                .max_by_key(|&i| balance::mix(k ^ balance::identity_of(&set.shards[i].name)))
+                .unwrap_or(0);
+            vec![id]
+        }
+        (_, None) => {
+            c.outcome = "forward to the allowed shards of the region the lookup service gives (see residency)".into();
+            return c;
+        }
+        (Locate::Shard(_), Some(v)) => {
+            c.located = v.clone();
+            match v.and_then(|n| set.shards.iter().position(|s| s.name == n)) {
+                Some(id) => vec![id],
+                None => {
+                    c.outcome = "404 shard-key-unknown".into();
+                    return c;
+                }
+            }
+        }
+        (Locate::Region(_), Some(v)) => {
+            c.located = v.clone();
+            let Some(region) = v.or_else(|| set.unknown_key_region.clone()) else {
+                c.outcome = "404 shard-key-unknown".into();
+                return c;
+            };
+            c.region = Some(region.clone());
+            match set.residency.allowed(&region) {
+                Some(ids) => ids.to_vec(),
+                None => {
+                    c.outcome = format!("403 residency-denied (no rule for region {region})");
+                    return c;
+                }
+            }
+        }
+    };
+    c.allowed = names(&allowed);
+    c.chosen = c.allowed.first().cloned();
+    c.failover = c.allowed.iter().skip(1).cloned().collect();
+    c.outcome = match c.allowed.len() {
+        1 => format!(
+            "forward to shard {} only; if it cannot serve: 503 residency-unavailable",
+            c.allowed[0]
+        ),
+        _ => format!(
+            "forward to the first available of {}; if none can serve: 503 residency-unavailable",
+            c.allowed.join(", ")
+        ),
+    };
+    if !matches!(set.locate, Locate::Region(_)) {
+        c.outcome = c
+            .outcome
+            .replace("residency-unavailable", "shard-unavailable");
+    }
+    c
 }
 
 impl std::fmt::Display for Explanation {
@@ -210,6 +388,45 @@ impl std::fmt::Display for Explanation {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             let _ = writeln!(s, "captures    {}", caps.join(" "));
+        }
+        if let Some(sh) = &self.shards {
+            let _ = writeln!(s, "shard set   {}", sh.shard_set);
+            let _ = writeln!(
+                s,
+                "shard key   {} (from {})",
+                sh.key.as_deref().unwrap_or("(none)"),
+                sh.key_source
+            );
+            if let Some(d) = &sh.directory {
+                let answer = match (&sh.located, &sh.lookup) {
+                    (Some(v), _) => v.clone(),
+                    (None, Some(l)) => l.clone(),
+                    (None, None) => "(not known)".into(),
+                };
+                let _ = writeln!(s, "directory   {d}: {answer}");
+            }
+            if let Some(r) = &sh.region {
+                let _ = writeln!(s, "region      {r}");
+            }
+            let rules: Vec<String> = sh
+                .residency
+                .iter()
+                .map(|(r, v)| format!("{r} → {}", v.join(" | ")))
+                .collect();
+            if !rules.is_empty() {
+                let _ = writeln!(s, "residency   {}", rules.join(";  "));
+            }
+            if !sh.allowed.is_empty() {
+                let _ = writeln!(s, "allowed     {}", sh.allowed.join(", "));
+            }
+            if let Some(ch) = &sh.chosen {
+                let failover = if sh.failover.is_empty() {
+                    "no failover outside this list".to_owned()
+                } else {
+                    format!("failover: {}", sh.failover.join(", "))
+                };
+                let _ = writeln!(s, "shard       {ch} ({failover})");
+            }
         }
         if let Some(c) = &self.cluster {
             let _ = writeln!(s, "cluster     {} ({}, {})", c.name, c.protocol, c.balance);

@@ -49,6 +49,7 @@ pub mod listener;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod shard;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

@@ -22,13 +22,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::stable_hash;
+use crate::config::ShardId;
 use crate::config::{Balance, Destination, Forwarded, HashOn, HeaderOps, ListenerKind, Route};
 use crate::error::ProxyError;
 use crate::route::{self, RequestHead, RouteDecision};
+use crate::shard;
 use crate::state::{Shared, Snapshot};
 use crate::telemetry::access_log::{now_rfc3339, LogRecord};
 use crate::telemetry::metrics::class_index;
-use crate::upstream::{Endpoint, InFlight};
+use crate::upstream::{Endpoint, InFlight, ReqBody};
 
 /// Per-connection context, shared by the requests of one client connection.
 pub struct ConnCtx {
@@ -65,7 +67,7 @@ pub async fn handle(
     match forward(req, &snap, &mut done).await {
         Ok(resp) => {
             done.status = resp.status().as_u16();
-            Ok(resp.map(|b| ProxyBody::new(Either::Left(b), done)))
+            Ok(resp.map(|b| ProxyBody::new(b, done)))
         }
         Err(e) => {
             done.status = e.status().as_u16();
@@ -83,19 +85,23 @@ pub async fn handle(
     }
 }
 
+/// The body of a response on its way back: the upstream's, streamed, or one attache made
+/// (errors, merged scatter-gather answers).
+pub type RespInner = Either<Incoming, Full<Bytes>>;
+
 /// The request path. Returns the upstream's response or the error attache answers with.
 async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     snap: &Snapshot,
     done: &mut Completion,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<RespInner>, ProxyError> {
     let conn = done.conn.clone();
     let listener = &snap.config.listeners[conn.listener];
     let ListenerKind::Http { routes, forwarded } = &listener.kind else {
         return Err(ProxyError::BadRequest("not an HTTP listener".into()));
     };
 
-    // Decide: route, destination, endpoint. Pure functions of the head and the snapshot.
+    // Decide the route: a pure function of the head and the snapshot.
     let head = RequestHead::new(req.method(), req.uri(), req.headers());
     let decision = route::select(routes, &head).ok_or_else(|| ProxyError::NoRoute {
         method: req.method().to_string(),
@@ -106,34 +112,208 @@ async fn forward(
     snap.listeners[conn.listener].routes[decision.route]
         .requests
         .inc();
-    let Destination::Cluster(cluster_id) = route.destination;
+
+    match route.destination {
+        Destination::Cluster(cluster) => {
+            let key = hash_key(
+                &snap.clusters[cluster].config.balance,
+                &head,
+                &decision,
+                route,
+            );
+            done.cluster = Some(cluster);
+            let req = req.map(Either::Left);
+            let resp = attempt(
+                req,
+                snap,
+                cluster,
+                key,
+                route,
+                forwarded,
+                &conn,
+                &mut done.endpoint,
+            )
+            .await?;
+            Ok(resp.map(Either::Left))
+        }
+        Destination::Shards(set_id) => {
+            let set = &snap.config.shard_sets[set_id];
+            if let Some(batch) = &route.batch {
+                let resp =
+                    shard::scatter::gather(req, snap, set_id, route, batch, forwarded, &conn)
+                        .await?;
+                return Ok(resp.map(Either::Right));
+            }
+            // Decide the shard: key → directory → allowed shards (the residency guarantee).
+            let plan = shard::plan(
+                set,
+                snap.directory_of(set),
+                &head,
+                &decision.captures,
+                route,
+            )
+            .await
+            .map_err(|r| ProxyError::from_refusal(r, &set.key.to_string()))?;
+            done.region = plan.region.clone();
+            let keys: Vec<Option<u64>> = plan
+                .allowed
+                .iter()
+                .map(|&id| {
+                    hash_key(
+                        &snap.clusters[set.shards[id].cluster].config.balance,
+                        &head,
+                        &decision,
+                        route,
+                    )
+                })
+                .collect();
+            // A request without a body can fail over to the next allowed shard: keep its head.
+            let replay =
+                (plan.allowed.len() > 1 && req.body().is_end_stream()).then(|| head_of(&req));
+            let mut first = Some(req.map(Either::Left));
+            let mut tried = Vec::with_capacity(plan.allowed.len());
+            let mut last_error: Option<ProxyError> = None;
+            loop {
+                let available = |id: ShardId| snap.clusters[set.shards[id].cluster].available();
+                let next = shard::first_available(&plan.allowed, &tried, available);
+                let (Some(shard_id), Some(req)) =
+                    (next, first.take().or_else(|| replay.as_ref().map(rebuild)))
+                else {
+                    return Err(shard_unavailable(snap, set_id, &plan, last_error, &conn));
+                };
+                let position = plan
+                    .allowed
+                    .iter()
+                    .position(|&a| a == shard_id)
+                    .unwrap_or(0);
+                tried.push(shard_id);
+                let cluster = set.shards[shard_id].cluster;
+                done.cluster = Some(cluster);
+                done.shard = Some((set_id, shard_id));
+                let stats = &snap.shard_stats[set_id][shard_id];
+                stats.requests.inc();
+                let started = Instant::now();
+                match attempt(
+                    req,
+                    snap,
+                    cluster,
+                    keys[position],
+                    route,
+                    forwarded,
+                    &conn,
+                    &mut done.endpoint,
+                )
+                .await
+                {
+                    Ok(resp) => {
+                        stats.latency.observe(started.elapsed());
+                        if resp.status().is_server_error() {
+                            stats.errors.inc();
+                        }
+                        return Ok(resp.map(Either::Left));
+                    }
+                    // Never reached the shard: the next allowed one may take it.
+                    Err(
+                        e @ (ProxyError::ConnectFailed { .. }
+                        | ProxyError::NoHealthyEndpoint { .. }),
+                    ) => {
+                        stats.errors.inc();
+                        last_error = Some(e);
+                    }
+                    Err(e) => {
+                        stats.errors.inc();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The answer when no allowed shard can serve: fast, and never another shard.
+fn shard_unavailable(
+    snap: &Snapshot,
+    set_id: usize,
+    plan: &shard::Plan,
+    last_error: Option<ProxyError>,
+    conn: &ConnCtx,
+) -> ProxyError {
+    let set = &snap.config.shard_sets[set_id];
+    let names: Vec<&str> = plan
+        .allowed
+        .iter()
+        .map(|&i| set.shards[i].name.as_str())
+        .collect();
+    let detail = match last_error {
+        Some(e) => e.to_string(),
+        None => "no healthy endpoint".to_owned(),
+    };
+    if plan.residency {
+        let region = plan.region.as_deref().unwrap_or("?");
+        conn.shared.metrics.residency_denial(&set.name, region);
+        ProxyError::ResidencyUnavailable {
+            allowed: names.join(", "),
+            detail,
+        }
+    } else {
+        ProxyError::ShardUnavailable {
+            shard: names.join(", "),
+            detail,
+        }
+    }
+}
+
+/// A copy of a bodiless request's head, to send it again.
+fn head_of(req: &Request<Incoming>) -> (Method, Uri, Version, HeaderMap) {
+    (
+        req.method().clone(),
+        req.uri().clone(),
+        req.version(),
+        req.headers().clone(),
+    )
+}
+
+fn rebuild(head: &(Method, Uri, Version, HeaderMap)) -> Request<ReqBody> {
+    let mut req = Request::new(Either::Right(Full::new(Bytes::new())));
+    *req.method_mut() = head.0.clone();
+    *req.uri_mut() = head.1.clone();
+    *req.version_mut() = head.2;
+    *req.headers_mut() = head.3.clone();
+    req
+}
+
+/// One try against one cluster: pick an endpoint, shape the request, send, shape the response.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn attempt(
+    mut req: Request<ReqBody>,
+    snap: &Snapshot,
+    cluster_id: usize,
+    key: Option<u64>,
+    route: &Route,
+    forwarded: &Forwarded,
+    conn: &ConnCtx,
+    in_flight: &mut Option<InFlight>,
+) -> Result<Response<Incoming>, ProxyError> {
     let cluster = &snap.clusters[cluster_id];
-    done.cluster = Some(cluster_id);
-    let key = hash_key(&cluster.config.balance, &head, &decision, route);
     let endpoint = cluster
         .pick(key, None)
         .ok_or_else(|| ProxyError::NoHealthyEndpoint {
             cluster: cluster.config.name.clone(),
         })?;
-
-    // Act: build the upstream request, send it, shape the response.
     let client_upgrade = prepare_request(
         &mut req,
         route,
         forwarded,
-        &conn,
+        conn,
         &endpoint,
         cluster.config.protocol,
     )?;
-    done.endpoint = Some(endpoint.start_request());
+    *in_flight = Some(endpoint.start_request());
     cluster.stats.requests.inc();
     cluster.stats.active.inc();
     let sent = Instant::now();
-    let result = tokio::time::timeout(
-        route.timeout,
-        cluster.client(conn.worker).request(req.map(Either::Left)),
-    )
-    .await;
+    let result =
+        tokio::time::timeout(route.timeout, cluster.client(conn.worker).request(req)).await;
     cluster.stats.active.dec();
     let mut resp = match result {
         Err(_) => {
@@ -193,8 +373,8 @@ fn hash_key(
 
 /// Rewrites the client's request into the upstream request, in place. Returns the client's
 /// pending upgrade when the request asks for one (WebSocket).
-fn prepare_request(
-    req: &mut Request<Incoming>,
+pub(crate) fn prepare_request(
+    req: &mut Request<ReqBody>,
     route: &Route,
     forwarded: &Forwarded,
     conn: &ConnCtx,
@@ -383,7 +563,7 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
 
 /// The accounting of one request, recorded when dropped (when the response body is done).
 pub struct Completion {
-    conn: Arc<ConnCtx>,
+    pub(crate) conn: Arc<ConnCtx>,
     snap: Arc<Snapshot>,
     start: Instant,
     method: Method,
@@ -391,7 +571,10 @@ pub struct Completion {
     path: Option<String>,
     route: Option<usize>,
     cluster: Option<usize>,
-    endpoint: Option<InFlight>,
+    /// (shard set, shard) of a shard-routed request.
+    pub(crate) shard: Option<(usize, usize)>,
+    pub(crate) region: Option<Arc<str>>,
+    pub(crate) endpoint: Option<InFlight>,
     status: u16,
     bytes: u64,
     reason: Option<&'static str>,
@@ -412,6 +595,8 @@ impl Completion {
             path,
             route: None,
             cluster: None,
+            shard: None,
+            region: None,
             endpoint: None,
             status: 0,
             bytes: 0,
@@ -442,6 +627,10 @@ impl Drop for Completion {
                 cluster: self
                     .cluster
                     .map(|c| self.snap.config.clusters[c].name.as_str()),
+                shard: self
+                    .shard
+                    .map(|(s, i)| self.snap.config.shard_sets[s].shards[i].name.as_str()),
+                region: self.region.as_deref(),
                 endpoint: self.endpoint.as_ref().map(|e| e.0.addr),
                 client: self.conn.client,
                 method: self.method.as_str(),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{self, Config, ListenerKind};
-use crate::telemetry::{AccessLog, ListenerStats, Metrics, RouteStats};
+use crate::config::{Locate, ShardSet};
+use crate::shard::DirectoryState;
+use crate::telemetry::{AccessLog, ListenerStats, Metrics, RouteStats, ShardStats};
 use crate::upstream::{self, ClusterState};
 
 /// Everything a request needs from one config generation. A request loads it once and finishes
@@ -20,6 +22,10 @@ pub struct Snapshot {
     pub clusters: Vec<Arc<ClusterState>>,
     /// Per listener (indexed like `config.listeners`): metric handles.
     pub listeners: Vec<ListenerRuntime>,
+    /// Run-time directories, indexed like `config.directories`.
+    pub directories: Vec<Arc<DirectoryState>>,
+    /// Per shard set, per shard: metric handles.
+    pub shard_stats: Vec<Vec<ShardStats>>,
     pub generation: u64,
 }
 
@@ -53,7 +59,7 @@ impl Snapshot {
         workers: usize,
         generation: u64,
     ) -> Snapshot {
-        let clusters = config
+        let clusters: Vec<Arc<ClusterState>> = config
             .clusters
             .iter()
             .map(|c| {
@@ -79,11 +85,47 @@ impl Snapshot {
                 },
             })
             .collect();
+        let directories = config
+            .directories
+            .iter()
+            .map(|d| {
+                previous
+                    .and_then(|p| {
+                        p.directories
+                            .iter()
+                            .find(|old| old.reusable_for(d, &clusters))
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        DirectoryState::new(d.clone(), &clusters, metrics.directory(&d.name))
+                    })
+            })
+            .collect();
+        let shard_stats = config
+            .shard_sets
+            .iter()
+            .map(|s| {
+                s.shards
+                    .iter()
+                    .map(|sh| metrics.shard(&s.name, &sh.name))
+                    .collect()
+            })
+            .collect();
         Snapshot {
             config,
             clusters,
             listeners,
+            directories,
+            shard_stats,
             generation,
+        }
+    }
+
+    /// The directory a shard set reads, if any.
+    pub fn directory_of(&self, set: &ShardSet) -> Option<&DirectoryState> {
+        match set.locate {
+            Locate::Region(d) | Locate::Shard(d) => self.directories.get(d).map(|d| &**d),
+            Locate::Hash => None,
         }
     }
 
@@ -101,6 +143,20 @@ impl Snapshot {
                 }
             }
             upstream::spawn_background(c);
+        }
+        for d in &self.directories {
+            let reused = previous.is_some_and(|p| p.directories.iter().any(|o| Arc::ptr_eq(o, d)));
+            if !reused && matches!(d.config.source, crate::config::DirectorySource::File(_)) {
+                let weak = Arc::downgrade(d);
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        let Some(d) = weak.upgrade() else { return };
+                        d.refresh_file();
+                    }
+                });
+            }
         }
     }
 }

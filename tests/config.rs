@@ -1,6 +1,8 @@
 //! Config validation: a table of bad configs, each with its exact location, field and message;
 //! every shipped example passes `attache check`.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::path::Path;
@@ -96,7 +98,10 @@ fn bad_configs_name_file_line_column_field_and_reason() {
             continue;
         }
         if !got.iter().any(|g| g.starts_with(want)) {
-            failures.push(format!("wanted: {want}\ngot:    {}", got.join("\n        ")));
+            failures.push(format!(
+                "wanted: {want}\ngot:    {}",
+                got.join("\n        ")
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -116,11 +121,22 @@ fn every_error_is_reported_at_once() {
 fn check_command_exits_1_with_errors_and_0_with_a_summary() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "listeners:\n  - address: 127.0.0.1:1\n    routes: [ { cluster: nope } ]\n").unwrap();
-    let out = Command::new(support::binary()).args(["check", "--config"]).arg(&bad).output().unwrap();
+    std::fs::write(
+        &bad,
+        "listeners:\n  - address: 127.0.0.1:1\n    routes: [ { cluster: nope } ]\n",
+    )
+    .unwrap();
+    let out = Command::new(support::binary())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bad.yaml:3:26: listeners[0].routes[0].cluster: unknown cluster `nope`"), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml:3:26: listeners[0].routes[0].cluster: unknown cluster `nope`"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -129,7 +145,11 @@ fn every_example_passes_check() {
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let out = Command::new(support::binary()).args(["check", "--config"]).arg(&path).output().unwrap();
+            let out = Command::new(support::binary())
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
             assert!(
                 out.status.success(),
                 "{}: {}",
@@ -147,18 +167,33 @@ fn every_example_passes_check() {
 fn explain_prints_the_decision() {
     let out = Command::new(support::binary())
         .args(["explain", "--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.yaml"))
-        .args(["-X", "POST", "-H", "x-user: priya", "http://127.0.0.1:10000/anything"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/quickstart.yaml"
+        ))
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "x-user: priya",
+            "http://127.0.0.1:10000/anything",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("listener    main (127.0.0.1:10000)"), "{text}");
+    assert!(
+        text.contains("listener    main (127.0.0.1:10000)"),
+        "{text}"
+    );
     assert!(text.contains("cluster     backend"), "{text}");
     assert!(text.contains("outcome     forward"), "{text}");
     let out = Command::new(support::binary())
         .args(["explain", "--json", "--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.yaml"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/quickstart.yaml"
+        ))
         .arg("http://127.0.0.1:10000/x")
         .output()
         .unwrap();

@@ -1,6 +1,8 @@
 //! The core proxy against real sockets: HTTP/1.1, h2c, gRPC framing with trailers, WebSocket,
 //! TCP, large bodies, routing, balancing, health checks, upstream failures, limits, drain.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -28,6 +28,10 @@ pub struct FileConfig {
     pub listeners: Vec<FileListener>,
     #[serde(default)]
     pub clusters: BTreeMap<String, FileCluster>,
+    #[serde(default)]
+    pub directories: BTreeMap<String, FileDirectory>,
+    #[serde(default)]
+    pub shard_sets: BTreeMap<String, FileShardSet>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +84,10 @@ pub struct FileRoute {
     pub matcher: Option<FileMatch>,
     #[serde(default)]
     pub cluster: Option<S<String>>,
+    #[serde(default)]
+    pub shard_set: Option<S<String>>,
+    #[serde(default)]
+    pub batch: Option<S<FileBatch>>,
     #[serde(default)]
     pub rewrite: Option<FileRewrite>,
     #[serde(default)]
@@ -196,4 +204,137 @@ pub struct FileHealthCheck {
     pub healthy_threshold: Option<S<u32>>,
     #[serde(default)]
     pub unhealthy_threshold: Option<S<u32>>,
+}
+
+/// A directory: where a shard key's region (or shard) is found.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDirectory {
+    #[serde(default)]
+    pub table: Option<S<BTreeMap<String, String>>>,
+    #[serde(default)]
+    pub file: Option<S<String>>,
+    #[serde(default)]
+    pub http: Option<S<FileHttpLookup>>,
+    #[serde(default)]
+    pub cache: Option<FileCache>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttpLookup {
+    pub cluster: S<String>,
+    /// Path with `{key}`, e.g. `/users/{key}`; the key is percent-encoded.
+    pub path: S<String>,
+    /// JSON pointer to the value in the answer, e.g. `/country`.
+    pub pointer: S<String>,
+    #[serde(default)]
+    pub timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCache {
+    #[serde(default)]
+    pub ttl: Option<S<String>>,
+    #[serde(default)]
+    pub negative_ttl: Option<S<String>>,
+    #[serde(default)]
+    pub max_entries: Option<S<u64>>,
+    #[serde(default)]
+    pub stale_for: Option<S<String>>,
+}
+
+/// A set of shards and how a request's key picks one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileShardSet {
+    pub key: S<FileKey>,
+    #[serde(default)]
+    pub directory: Option<S<String>>,
+    /// `region` (default) or `shard`: what the directory's values name.
+    #[serde(default)]
+    pub directory_values: Option<S<String>>,
+    /// Consistent hashing over the shards instead of a directory.
+    #[serde(default)]
+    pub hash: Option<S<bool>>,
+    #[serde(default)]
+    pub default_shard: Option<S<String>>,
+    /// Region for keys the directory does not know (default: refuse with 404).
+    #[serde(default)]
+    pub unknown_key_region: Option<S<String>>,
+    pub shards: S<BTreeMap<String, FileShard>>,
+    #[serde(default)]
+    pub residency: Option<S<BTreeMap<String, Vec<S<String>>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileShard {
+    pub cluster: S<String>,
+    #[serde(default)]
+    pub region: Option<S<String>>,
+}
+
+/// Where the shard key comes from: exactly one source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKey {
+    #[serde(default)]
+    pub header: Option<S<String>>,
+    #[serde(default)]
+    pub query: Option<S<String>>,
+    #[serde(default)]
+    pub cookie: Option<S<String>>,
+    #[serde(default)]
+    pub capture: Option<S<String>>,
+    #[serde(default)]
+    pub jwt: Option<S<FileJwt>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJwt {
+    pub claim: S<String>,
+    /// Header carrying `Bearer <token>` (default `authorization`).
+    #[serde(default)]
+    pub header: Option<S<String>>,
+    #[serde(default)]
+    pub hs256_secret_env: Option<S<String>>,
+    #[serde(default)]
+    pub hs256_secret_file: Option<S<String>>,
+    #[serde(default)]
+    pub rs256_public_key_file: Option<S<String>>,
+    #[serde(default)]
+    pub es256_public_key_file: Option<S<String>>,
+    /// Read claims without checking the signature: only behind a gateway that verified.
+    #[serde(default)]
+    pub unverified_claims_behind_trusted_gateway: Option<S<bool>>,
+}
+
+/// A route's batch form: many keys in one request, split by shard and merged.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBatch {
+    /// Query parameter holding the keys (`?users=a,b,c`).
+    #[serde(default)]
+    pub query: Option<S<String>>,
+    /// JSON pointer to an array of keys in the request body.
+    #[serde(default)]
+    pub json_body: Option<S<String>>,
+    #[serde(default)]
+    pub separator: Option<S<String>>,
+    /// `concat` (arrays; with `items`, the arrays at that pointer) or `object`.
+    #[serde(default)]
+    pub merge: Option<S<String>>,
+    #[serde(default)]
+    pub items: Option<S<String>>,
+    #[serde(default)]
+    pub partial_field: Option<S<String>>,
+    #[serde(default)]
+    pub timeout: Option<S<String>>,
+    #[serde(default)]
+    pub max_keys: Option<S<u64>>,
+    #[serde(default)]
+    pub max_bytes: Option<S<u64>>,
 }

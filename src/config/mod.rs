@@ -51,10 +51,20 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Clusters, indexed by [`ClusterId`].
     pub clusters: Vec<Cluster>,
+    /// Directories, indexed by [`DirectoryId`].
+    pub directories: Vec<Directory>,
+    /// Shard sets, indexed by [`ShardSetId`].
+    pub shard_sets: Vec<ShardSet>,
 }
 
 /// Index of a cluster in [`Config::clusters`].
 pub type ClusterId = usize;
+/// Index of a directory in [`Config::directories`].
+pub type DirectoryId = usize;
+/// Index of a shard set in [`Config::shard_sets`].
+pub type ShardSetId = usize;
+/// Index of a shard in [`ShardSet::shards`].
+pub type ShardId = usize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
@@ -125,12 +135,202 @@ pub struct Route {
     /// Time allowed for the upstream's response head (the cluster's timeout when not set).
     pub timeout: Duration,
     pub destination: Destination,
+    /// The batch form of a shard-set route (scatter-gather).
+    pub batch: Option<Batch>,
 }
 
-/// Where a matched request goes. Shards and splits join as further variants.
+/// Where a matched request goes. Splits join as a further variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
     Cluster(ClusterId),
+    /// A shard of a set, chosen by the request's shard key.
+    Shards(ShardSetId),
+}
+
+/// A set of shards, the key that picks one, and the residency policy.
+#[derive(Debug, Clone)]
+pub struct ShardSet {
+    pub name: String,
+    pub key: KeySource,
+    pub locate: Locate,
+    /// Where requests without a key go; `None` refuses them with 400 `shard-key-missing`.
+    pub default_shard: Option<ShardId>,
+    /// Region for keys the directory does not know; `None` refuses them (404).
+    pub unknown_key_region: Option<String>,
+    pub shards: Vec<Shard>,
+    pub residency: Residency,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    pub name: String,
+    pub cluster: ClusterId,
+    /// The region the shard's data lives in (shown by explain, metrics, admin).
+    pub region: Option<String>,
+}
+
+/// How a key finds its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Locate {
+    /// The directory names the key's region; residency names the shards allowed for it.
+    Region(DirectoryId),
+    /// The directory names the key's shard.
+    Shard(DirectoryId),
+    /// Rendezvous hashing over the shards: no directory, no failover.
+    Hash,
+}
+
+/// Region → the shards allowed to hold its keys, in order of preference (first available
+/// wins; the others are failover). A key is never sent anywhere else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Residency {
+    pub rules: Vec<(String, Vec<ShardId>)>,
+    /// The `"*"` rule: every region not named.
+    pub default: Option<Vec<ShardId>>,
+}
+
+impl Residency {
+    /// The shards allowed for a region, or `None` when no rule covers it.
+    pub fn allowed(&self, region: &str) -> Option<&[ShardId]> {
+        self.rules
+            .iter()
+            .find(|(r, _)| r.eq_ignore_ascii_case(region))
+            .map(|(_, s)| s.as_slice())
+            .or(self.default.as_deref())
+    }
+}
+
+/// Where a shard key is read from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    Header(HeaderName),
+    Query(String),
+    Cookie(String),
+    Capture(String),
+    Jwt(JwtKey),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Header(h) => write!(f, "header {h}"),
+            KeySource::Query(q) => write!(f, "query parameter {q}"),
+            KeySource::Cookie(c) => write!(f, "cookie {c}"),
+            KeySource::Capture(c) => write!(f, "path capture {c}"),
+            KeySource::Jwt(j) => write!(f, "JWT claim {} ({})", j.claim, j.verify.name()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtKey {
+    pub header: HeaderName,
+    pub claim: String,
+    pub verify: JwtVerify,
+}
+
+/// How a JWT's signature is checked. Key material is never shown by `/config`.
+#[derive(Clone)]
+pub enum JwtVerify {
+    Hs256(Vec<u8>),
+    Rs256(Vec<u8>),
+    Es256(Vec<u8>),
+    /// Claims read without a signature check: an explicit opt-in for deployments where a
+    /// gateway in front already verified the token.
+    UnverifiedBehindTrustedGateway,
+}
+
+impl JwtVerify {
+    pub fn name(&self) -> &'static str {
+        match self {
+            JwtVerify::Hs256(_) => "HS256",
+            JwtVerify::Rs256(_) => "RS256",
+            JwtVerify::Es256(_) => "ES256",
+            JwtVerify::UnverifiedBehindTrustedGateway => "unverified: trusted gateway",
+        }
+    }
+}
+
+impl fmt::Debug for JwtVerify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A directory: key → region or shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directory {
+    pub name: String,
+    pub source: DirectorySource,
+    pub cache: CachePolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectorySource {
+    Table(std::collections::BTreeMap<String, String>),
+    /// A YAML or JSON map in a file, re-read when it changes.
+    File(PathBuf),
+    /// A lookup service: `GET {path with the key}` on a cluster, the value at `pointer`.
+    Http {
+        cluster: ClusterId,
+        path: String,
+        pointer: String,
+        timeout: Duration,
+    },
+}
+
+/// Cache of an HTTP directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachePolicy {
+    pub ttl: Duration,
+    /// How long "no such key" is remembered.
+    pub negative_ttl: Duration,
+    pub max_entries: usize,
+    /// How long past its TTL an entry may still answer when the lookup service fails.
+    pub stale_for: Duration,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        CachePolicy {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(10),
+            max_entries: 100_000,
+            stale_for: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Scatter-gather: where the keys are, how answers merge, and the bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub keys: BatchKeys,
+    pub merge: Merge,
+    /// Field added to a merged object naming what is missing (default `_partial`).
+    pub partial_field: String,
+    pub timeout: Duration,
+    pub max_keys: usize,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchKeys {
+    Query {
+        name: String,
+        separator: String,
+    },
+    /// JSON pointer to an array of strings in the request body.
+    JsonBody {
+        pointer: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Merge {
+    /// Answers are arrays, or objects with an array at `items`: concatenated.
+    Concat { items: Option<String> },
+    /// Answers are objects: merged key by key.
+    Object,
 }
 
 /// The conditions of a route; all present conditions must hold.
@@ -437,6 +637,44 @@ impl Config {
             "shutdown_grace": format_duration(self.shutdown_grace),
             "listeners": listeners,
             "clusters": clusters,
+            "directories": self.directories.iter().map(|d| json!({
+                "name": d.name,
+                "source": match &d.source {
+                    DirectorySource::Table(t) => json!({"table": t}),
+                    DirectorySource::File(p) => json!({"file": p.display().to_string()}),
+                    DirectorySource::Http { cluster, path, pointer, timeout } => json!({"http": {
+                        "cluster": self.clusters[*cluster].name, "path": path, "pointer": pointer,
+                        "timeout": format_duration(*timeout),
+                    }}),
+                },
+                "cache": {
+                    "ttl": format_duration(d.cache.ttl),
+                    "negative_ttl": format_duration(d.cache.negative_ttl),
+                    "max_entries": d.cache.max_entries,
+                    "stale_for": format_duration(d.cache.stale_for),
+                },
+            })).collect::<Vec<_>>(),
+            "shard_sets": self.shard_sets.iter().map(|s| {
+                let names = |ids: &[ShardId]| ids.iter().map(|i| s.shards[*i].name.clone()).collect::<Vec<_>>();
+                json!({
+                    "name": s.name,
+                    "key": s.key.to_string(),
+                    "locate": match s.locate {
+                        Locate::Region(d) => json!({"directory": self.directories[d].name, "values": "region"}),
+                        Locate::Shard(d) => json!({"directory": self.directories[d].name, "values": "shard"}),
+                        Locate::Hash => json!("hash"),
+                    },
+                    "default_shard": s.default_shard.map(|i| s.shards[i].name.clone()),
+                    "unknown_key_region": s.unknown_key_region,
+                    "shards": s.shards.iter().map(|sh| json!({
+                        "name": sh.name, "cluster": self.clusters[sh.cluster].name, "region": sh.region,
+                    })).collect::<Vec<_>>(),
+                    "residency": {
+                        "rules": s.residency.rules.iter().map(|(r, ids)| (r.clone(), names(ids))).collect::<std::collections::BTreeMap<_, _>>(),
+                        "default": s.residency.default.as_deref().map(names),
+                    },
+                })
+            }).collect::<Vec<_>>(),
         })
     }
 
@@ -464,7 +702,24 @@ impl Config {
                 "headers": m.headers.iter().map(value_match_json).collect::<Vec<_>>(),
                 "query": m.query.iter().map(value_match_json).collect::<Vec<_>>(),
             },
-            "destination": match r.destination { Destination::Cluster(c) => json!({"cluster": self.clusters[c].name}) },
+            "destination": match r.destination {
+                Destination::Cluster(c) => json!({"cluster": self.clusters[c].name}),
+                Destination::Shards(s) => json!({"shard_set": self.shard_sets[s].name}),
+            },
+            "batch": r.batch.as_ref().map(|b| json!({
+                "keys": match &b.keys {
+                    BatchKeys::Query { name, separator } => json!({"query": name, "separator": separator}),
+                    BatchKeys::JsonBody { pointer } => json!({"json_body": pointer}),
+                },
+                "merge": match &b.merge {
+                    Merge::Concat { items } => json!({"concat": items}),
+                    Merge::Object => json!("object"),
+                },
+                "partial_field": b.partial_field,
+                "timeout": format_duration(b.timeout),
+                "max_keys": b.max_keys,
+                "max_bytes": b.max_bytes,
+            })),
             "rewrite_prefix": r.rewrite_prefix,
             "timeout": format_duration(r.timeout),
             "request_headers": {

@@ -120,6 +120,26 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
         .map(|(name, c)| cluster(ctx, name, c))
         .collect();
 
+    let dir_names: Vec<String> = file.directories.keys().cloned().collect();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let directories: Vec<Directory> = file
+        .directories
+        .iter()
+        .map(|(name, d)| directory(ctx, name, d, &cluster_names, base))
+        .collect();
+    let set_names: Vec<String> = file.shard_sets.keys().cloned().collect();
+    let shard_sets: Vec<Option<ShardSet>> = file
+        .shard_sets
+        .iter()
+        .map(|(name, s)| shard_set(ctx, name, s, &cluster_names, &dir_names))
+        .collect();
+    let refs = Refs {
+        clusters: &cluster_names,
+        cluster_defs: &clusters,
+        shard_sets: &set_names,
+        shard_set_defs: &shard_sets,
+    };
+
     let admin_address = match file.admin.as_ref().and_then(|a| a.address.as_ref()) {
         None => DEFAULT_ADMIN_ADDRESS.parse().ok(),
         Some(s) => socket_addr(ctx, s, "admin.address"),
@@ -243,9 +263,7 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
                         let mut out = Vec::new();
                         for (j, fr) in r.value.iter().enumerate() {
                             let rfield = format!("{field}.routes[{j}]");
-                            if let Some(route) =
-                                route(ctx, fr, j, &rfield, &cluster_names, &clusters)
-                            {
+                            if let Some(route) = route(ctx, fr, j, &rfield, &refs) {
                                 if let Some(prev) = names.get(&route.name) {
                                     if let Some(n) = &fr.value.name {
                                         ctx.err(
@@ -335,7 +353,17 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
         shutdown_grace,
         listeners,
         clusters,
+        directories,
+        shard_sets: shard_sets.into_iter().flatten().collect(),
     }
+}
+
+/// What routes may refer to.
+struct Refs<'a> {
+    clusters: &'a [String],
+    cluster_defs: &'a [Cluster],
+    shard_sets: &'a [String],
+    shard_set_defs: &'a [Option<ShardSet>],
 }
 
 fn socket_addr(ctx: &mut Ctx, s: &S<String>, field: &str) -> Option<SocketAddr> {
@@ -375,8 +403,7 @@ fn route(
     spanned: &S<FileRoute>,
     index: usize,
     field: &str,
-    cluster_names: &[String],
-    clusters: &[Cluster],
+    refs: &Refs<'_>,
 ) -> Option<Route> {
     let r = &spanned.value;
     let name = r
@@ -389,18 +416,66 @@ fn route(
         .as_ref()
         .map(|m| route_match(ctx, m, &format!("{field}.match")))
         .unwrap_or_default();
-    let destination = match &r.cluster {
-        Some(c) => cluster_ref(ctx, c, &format!("{field}.cluster"), cluster_names)
+    let destination = match (&r.cluster, &r.shard_set) {
+        (Some(c), None) => cluster_ref(ctx, c, &format!("{field}.cluster"), refs.clusters)
             .map(Destination::Cluster),
-        None => {
+        (None, Some(s)) => match refs.shard_sets.iter().position(|n| *n == s.value) {
+            Some(id) => {
+                // A key read from a path capture needs that capture in this route's template.
+                if let Some(Some(set)) = refs.shard_set_defs.get(id) {
+                    if let KeySource::Capture(name) = &set.key {
+                        let has = matches!(&matcher.path, Some(PathMatch::Template(t)) if t.name_index(name).is_some());
+                        if !has && r.batch.is_none() {
+                            ctx.err(s, format!("{field}.shard_set"), format!(
+                                "shard set `{}` reads its key from path capture `{name}`, which this route's path template does not have",
+                                s.value
+                            ));
+                        }
+                    }
+                }
+                Some(Destination::Shards(id))
+            }
+            None => {
+                let known = if refs.shard_sets.is_empty() {
+                    "no shard sets are defined".to_owned()
+                } else {
+                    format!("known: {}", refs.shard_sets.join(", "))
+                };
+                ctx.err(
+                    s,
+                    format!("{field}.shard_set"),
+                    format!("unknown shard set `{}` ({known})", s.value),
+                );
+                None
+            }
+        },
+        (Some(c), Some(_)) => {
+            ctx.err(
+                c,
+                format!("{field}.cluster"),
+                "give one destination: `cluster` or `shard_set`, not both",
+            );
+            None
+        }
+        (None, None) => {
             ctx.err(
                 spanned,
                 format!("{field}.cluster"),
-                "a route needs a destination: `cluster`",
+                "a route needs a destination: `cluster` or `shard_set`",
             );
             None
         }
     };
+    let batch = r.batch.as_ref().and_then(|b| {
+        if !matches!(destination, Some(Destination::Shards(_))) {
+            ctx.err(
+                b,
+                format!("{field}.batch"),
+                "a batch form needs `shard_set` (keys are split by shard)",
+            );
+        }
+        batch(ctx, b, &format!("{field}.batch"))
+    });
     let rewrite_prefix = match r.rewrite.as_ref().and_then(|rw| rw.prefix.as_ref()) {
         None => None,
         Some(p) => {
@@ -424,7 +499,14 @@ fn route(
         &format!("{field}.response_headers"),
     );
     let default_timeout = match destination {
-        Some(Destination::Cluster(c)) => clusters.get(c).map(|c| c.timeout),
+        Some(Destination::Cluster(c)) => refs.cluster_defs.get(c).map(|c| c.timeout),
+        Some(Destination::Shards(s)) => refs
+            .shard_set_defs
+            .get(s)
+            .and_then(|s| s.as_ref())
+            .and_then(|s| s.shards.first())
+            .and_then(|sh| refs.cluster_defs.get(sh.cluster))
+            .map(|c| c.timeout),
         None => None,
     }
     .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
@@ -437,6 +519,7 @@ fn route(
         response_headers,
         timeout,
         destination: destination?,
+        batch,
     })
 }
 
@@ -846,4 +929,471 @@ fn hash_on(ctx: &mut Ctx, h: &S<FileHashOn>, field: &str) -> Option<HashOn> {
             None
         }
     }
+}
+
+fn directory(
+    ctx: &mut Ctx,
+    name: &str,
+    d: &FileDirectory,
+    clusters: &[String],
+    base: &Path,
+) -> Directory {
+    let field = format!("directories.{name}");
+    let cache = d.cache.as_ref().map(|c| {
+        let cf = format!("{field}.cache");
+        let defaults = CachePolicy::default();
+        CachePolicy {
+            ttl: ctx.duration(&c.ttl, format!("{cf}.ttl"), defaults.ttl),
+            negative_ttl: ctx.duration(
+                &c.negative_ttl,
+                format!("{cf}.negative_ttl"),
+                defaults.negative_ttl,
+            ),
+            max_entries: match &c.max_entries {
+                Some(m) if m.value == 0 => {
+                    ctx.err(m, format!("{cf}.max_entries"), "must be at least 1");
+                    defaults.max_entries
+                }
+                Some(m) => m.value as usize,
+                None => defaults.max_entries,
+            },
+            stale_for: ctx.duration(&c.stale_for, format!("{cf}.stale_for"), defaults.stale_for),
+        }
+    });
+    let source = match (&d.table, &d.file, &d.http) {
+        (Some(t), None, None) => DirectorySource::Table(t.value.clone()),
+        (None, Some(f), None) => {
+            let path = base.join(&f.value);
+            if let Err(e) = crate::shard::directory::read_table_file(&path) {
+                ctx.err(f, format!("{field}.file"), e);
+            }
+            DirectorySource::File(path)
+        }
+        (None, None, Some(h)) => {
+            let hf = format!("{field}.http");
+            let cluster =
+                cluster_ref(ctx, &h.value.cluster, &format!("{hf}.cluster"), clusters).unwrap_or(0);
+            if !h.value.path.value.starts_with('/') || !h.value.path.value.contains("{key}") {
+                ctx.err(
+                    &h.value.path,
+                    format!("{hf}.path"),
+                    "a path starting with `/` that contains `{key}`, e.g. `/users/{key}`",
+                );
+            }
+            if !(h.value.pointer.value.is_empty() || h.value.pointer.value.starts_with('/')) {
+                ctx.err(
+                    &h.value.pointer,
+                    format!("{hf}.pointer"),
+                    "a JSON pointer, e.g. `/country`",
+                );
+            }
+            DirectorySource::Http {
+                cluster,
+                path: h.value.path.value.clone(),
+                pointer: h.value.pointer.value.clone(),
+                timeout: ctx.duration(
+                    &h.value.timeout,
+                    format!("{hf}.timeout"),
+                    Duration::from_millis(500),
+                ),
+            }
+        }
+        _ => {
+            let loc = d
+                .table
+                .as_ref()
+                .map(|t| t.referenced)
+                .or(d.file.as_ref().map(|f| f.referenced))
+                .or(d.http.as_ref().map(|h| h.referenced))
+                .unwrap_or(Location::UNKNOWN);
+            ctx.at(
+                &loc,
+                field.clone(),
+                "give exactly one source: `table`, `file` or `http`",
+            );
+            DirectorySource::Table(Default::default())
+        }
+    };
+    Directory {
+        name: name.to_owned(),
+        source,
+        cache: cache.unwrap_or_default(),
+    }
+}
+
+fn shard_set(
+    ctx: &mut Ctx,
+    name: &str,
+    s: &FileShardSet,
+    clusters: &[String],
+    directories: &[String],
+) -> Option<ShardSet> {
+    let field = format!("shard_sets.{name}");
+    let key = shard_key(ctx, &s.key, &format!("{field}.key"));
+    let shard_names: Vec<String> = s.shards.value.keys().cloned().collect();
+    if shard_names.is_empty() {
+        ctx.err(
+            &s.shards,
+            format!("{field}.shards"),
+            "a shard set needs at least one shard",
+        );
+    }
+    let shards: Vec<Shard> = s
+        .shards
+        .value
+        .iter()
+        .map(|(n, sh)| Shard {
+            name: n.clone(),
+            cluster: cluster_ref(
+                ctx,
+                &sh.cluster,
+                &format!("{field}.shards.{n}.cluster"),
+                clusters,
+            )
+            .unwrap_or(0),
+            region: sh.region.as_ref().map(|r| r.value.clone()),
+        })
+        .collect();
+    let shard_ref = |ctx: &mut Ctx, v: &S<String>, f: String| -> Option<ShardId> {
+        let found = shard_names.iter().position(|n| *n == v.value);
+        if found.is_none() {
+            ctx.err(
+                v,
+                f,
+                format!(
+                    "unknown shard `{}` (shards: {})",
+                    v.value,
+                    shard_names.join(", ")
+                ),
+            );
+        }
+        found
+    };
+    let values = s
+        .directory_values
+        .as_ref()
+        .map(|v| v.value.as_str())
+        .unwrap_or("region");
+    let hash = s.hash.as_ref().is_some_and(|h| h.value);
+    let locate = match (&s.directory, hash) {
+        (Some(d), false) => {
+            let id = match directories.iter().position(|n| *n == d.value) {
+                Some(id) => id,
+                None => {
+                    let known = if directories.is_empty() {
+                        "no directories are defined".to_owned()
+                    } else {
+                        format!("known: {}", directories.join(", "))
+                    };
+                    ctx.err(
+                        d,
+                        format!("{field}.directory"),
+                        format!("unknown directory `{}` ({known})", d.value),
+                    );
+                    0
+                }
+            };
+            match values {
+                "region" => Locate::Region(id),
+                "shard" => Locate::Shard(id),
+                other => {
+                    if let Some(v) = &s.directory_values {
+                        ctx.err(
+                            v,
+                            format!("{field}.directory_values"),
+                            format!("`{other}`: use `region` or `shard`"),
+                        );
+                    }
+                    Locate::Region(id)
+                }
+            }
+        }
+        (None, true) => Locate::Hash,
+        (Some(d), true) => {
+            ctx.err(
+                d,
+                format!("{field}.directory"),
+                "give `directory` or `hash: true`, not both",
+            );
+            Locate::Hash
+        }
+        (None, false) => {
+            ctx.err(
+                &s.key,
+                format!("{field}.directory"),
+                "a shard set needs `directory` (key → region or shard) or `hash: true`",
+            );
+            Locate::Hash
+        }
+    };
+    let mut residency = Residency::default();
+    match (&s.residency, locate) {
+        (Some(r), Locate::Region(_)) => {
+            for (region, list) in &r.value {
+                let ids: Vec<ShardId> = list
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, v)| {
+                        shard_ref(ctx, v, format!("{field}.residency.{region}[{i}]"))
+                    })
+                    .collect();
+                if list.is_empty() {
+                    ctx.err(
+                        r,
+                        format!("{field}.residency.{region}"),
+                        "name at least one shard (to refuse a region, leave it out)",
+                    );
+                }
+                if region == "*" {
+                    residency.default = Some(ids);
+                } else {
+                    residency.rules.push((region.clone(), ids));
+                }
+            }
+        }
+        (None, Locate::Region(_)) => {
+            ctx.err(
+                &s.shards,
+                format!("{field}.residency"),
+                "a directory of regions needs `residency`: region → allowed shards (\"*\" for the rest)",
+            );
+        }
+        (Some(r), _) => {
+            ctx.err(
+                r,
+                format!("{field}.residency"),
+                "residency applies when the directory gives regions (`directory_values: region`)",
+            );
+        }
+        (None, _) => {}
+    }
+    let default_shard = s
+        .default_shard
+        .as_ref()
+        .and_then(|d| shard_ref(ctx, d, format!("{field}.default_shard")));
+    Some(ShardSet {
+        name: name.to_owned(),
+        key: key?,
+        locate,
+        default_shard,
+        unknown_key_region: s.unknown_key_region.as_ref().map(|r| r.value.clone()),
+        shards,
+        residency,
+    })
+}
+
+fn shard_key(ctx: &mut Ctx, k: &S<FileKey>, field: &str) -> Option<KeySource> {
+    let v = &k.value;
+    let count = [
+        v.header.is_some(),
+        v.query.is_some(),
+        v.cookie.is_some(),
+        v.capture.is_some(),
+        v.jwt.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if count != 1 {
+        ctx.err(
+            k,
+            field,
+            "give exactly one of `header`, `query`, `cookie`, `capture`, `jwt`",
+        );
+        return None;
+    }
+    if let Some(h) = &v.header {
+        return match HeaderName::from_bytes(h.value.to_ascii_lowercase().as_bytes()) {
+            Ok(n) => Some(KeySource::Header(n)),
+            Err(_) => {
+                ctx.err(
+                    h,
+                    format!("{field}.header"),
+                    format!("`{}` is not a header name", h.value),
+                );
+                None
+            }
+        };
+    }
+    if let Some(q) = &v.query {
+        return Some(KeySource::Query(q.value.clone()));
+    }
+    if let Some(c) = &v.cookie {
+        return Some(KeySource::Cookie(c.value.clone()));
+    }
+    if let Some(c) = &v.capture {
+        return Some(KeySource::Capture(c.value.clone()));
+    }
+    let j = v.jwt.as_ref()?;
+    let jf = format!("{field}.jwt");
+    let jv = &j.value;
+    let header = match &jv.header {
+        None => http::header::AUTHORIZATION,
+        Some(h) => match HeaderName::from_bytes(h.value.to_ascii_lowercase().as_bytes()) {
+            Ok(n) => n,
+            Err(_) => {
+                ctx.err(h, format!("{jf}.header"), "not a header name");
+                return None;
+            }
+        },
+    };
+    let choices = [
+        jv.hs256_secret_env.is_some(),
+        jv.hs256_secret_file.is_some(),
+        jv.rs256_public_key_file.is_some(),
+        jv.es256_public_key_file.is_some(),
+        jv.unverified_claims_behind_trusted_gateway
+            .as_ref()
+            .is_some_and(|u| u.value),
+    ];
+    if choices.iter().filter(|c| **c).count() != 1 {
+        ctx.err(
+            j,
+            &jf,
+            "give exactly one key: `hs256_secret_env`, `hs256_secret_file`, `rs256_public_key_file`, \
+             `es256_public_key_file`, or `unverified_claims_behind_trusted_gateway: true`",
+        );
+        return None;
+    }
+    let read = |ctx: &mut Ctx, f: &S<String>, name: &str| -> Option<Vec<u8>> {
+        match std::fs::read(&f.value) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                ctx.err(
+                    f,
+                    format!("{jf}.{name}"),
+                    format!("cannot read `{}`: {e}", f.value),
+                );
+                None
+            }
+        }
+    };
+    let verify = if let Some(env) = &jv.hs256_secret_env {
+        match std::env::var(&env.value) {
+            Ok(s) if !s.is_empty() => JwtVerify::Hs256(s.into_bytes()),
+            _ => {
+                ctx.err(
+                    env,
+                    format!("{jf}.hs256_secret_env"),
+                    format!("environment variable `{}` is not set", env.value),
+                );
+                return None;
+            }
+        }
+    } else if let Some(f) = &jv.hs256_secret_file {
+        JwtVerify::Hs256(read(ctx, f, "hs256_secret_file")?.trim_ascii().to_vec())
+    } else if let Some(f) = &jv.rs256_public_key_file {
+        let pem = read(ctx, f, "rs256_public_key_file")?;
+        if jsonwebtoken::DecodingKey::from_rsa_pem(&pem).is_err() {
+            ctx.err(
+                f,
+                format!("{jf}.rs256_public_key_file"),
+                "not an RSA public key in PEM",
+            );
+            return None;
+        }
+        JwtVerify::Rs256(pem)
+    } else if let Some(f) = &jv.es256_public_key_file {
+        let pem = read(ctx, f, "es256_public_key_file")?;
+        if jsonwebtoken::DecodingKey::from_ec_pem(&pem).is_err() {
+            ctx.err(
+                f,
+                format!("{jf}.es256_public_key_file"),
+                "not an EC public key in PEM",
+            );
+            return None;
+        }
+        JwtVerify::Es256(pem)
+    } else {
+        JwtVerify::UnverifiedBehindTrustedGateway
+    };
+    Some(KeySource::Jwt(JwtKey {
+        header,
+        claim: jv.claim.value.clone(),
+        verify,
+    }))
+}
+
+fn batch(ctx: &mut Ctx, b: &S<FileBatch>, field: &str) -> Option<Batch> {
+    let v = &b.value;
+    let keys = match (&v.query, &v.json_body) {
+        (Some(q), None) => BatchKeys::Query {
+            name: q.value.clone(),
+            separator: v
+                .separator
+                .as_ref()
+                .map(|s| s.value.clone())
+                .unwrap_or_else(|| ",".into()),
+        },
+        (None, Some(p)) => {
+            if !p.value.starts_with('/') {
+                ctx.err(
+                    p,
+                    format!("{field}.json_body"),
+                    "a JSON pointer, e.g. `/users`",
+                );
+            }
+            BatchKeys::JsonBody {
+                pointer: p.value.clone(),
+            }
+        }
+        _ => {
+            ctx.err(
+                b,
+                field,
+                "give exactly one of `query` or `json_body` (where the keys are)",
+            );
+            return None;
+        }
+    };
+    if let Some(s) = &v.separator {
+        if s.value.is_empty() {
+            ctx.err(s, format!("{field}.separator"), "must not be empty");
+        }
+    }
+    let merge = match v.merge.as_ref().map(|m| m.value.as_str()) {
+        None | Some("concat") => Merge::Concat {
+            items: v.items.as_ref().map(|i| i.value.clone()),
+        },
+        Some("object") => {
+            if let Some(i) = &v.items {
+                ctx.err(
+                    i,
+                    format!("{field}.items"),
+                    "`items` goes with `merge: concat`",
+                );
+            }
+            Merge::Object
+        }
+        Some(other) => {
+            if let Some(m) = &v.merge {
+                ctx.err(
+                    m,
+                    format!("{field}.merge"),
+                    format!("`{other}`: use `concat` or `object`"),
+                );
+            }
+            return None;
+        }
+    };
+    Some(Batch {
+        keys,
+        merge,
+        partial_field: v
+            .partial_field
+            .as_ref()
+            .map(|p| p.value.clone())
+            .unwrap_or_else(|| "_partial".into()),
+        timeout: ctx.duration(
+            &v.timeout,
+            format!("{field}.timeout"),
+            Duration::from_secs(2),
+        ),
+        max_keys: v.max_keys.as_ref().map(|m| m.value as usize).unwrap_or(100),
+        max_bytes: v
+            .max_bytes
+            .as_ref()
+            .map(|m| m.value as usize)
+            .unwrap_or(4 << 20),
+    })
 }

@@ -35,6 +35,8 @@ pub struct LogRecord<'a> {
     pub listener: &'a str,
     pub route: Option<&'a str>,
     pub cluster: Option<&'a str>,
+    pub shard: Option<&'a str>,
+    pub region: Option<&'a str>,
     pub endpoint: Option<SocketAddr>,
     pub client: SocketAddr,
     pub method: &'a str,

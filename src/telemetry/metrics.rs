@@ -131,6 +131,24 @@ pub struct ListenerStats {
     pub refused_connections: Counter,
 }
 
+/// Per-directory handles.
+#[derive(Clone, Debug)]
+pub struct DirectoryStats {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub stale: Counter,
+    pub errors: Counter,
+    pub inflight: Gauge,
+}
+
+/// Per-shard handles.
+#[derive(Clone, Debug)]
+pub struct ShardStats {
+    pub requests: Counter,
+    pub errors: Counter,
+    pub latency: Histogram,
+}
+
 /// The registry and its families.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -148,6 +166,16 @@ pub struct Metrics {
     reloads: Family<Labels, Counter>,
     /// Requests answered by attache itself, by reason.
     local_replies: Family<Labels, Counter>,
+    directory_hits: Family<Labels, Counter>,
+    directory_misses: Family<Labels, Counter>,
+    directory_stale: Family<Labels, Counter>,
+    directory_errors: Family<Labels, Counter>,
+    directory_inflight: Family<Labels, Gauge>,
+    shard_requests: Family<Labels, Counter>,
+    shard_errors: Family<Labels, Counter>,
+    shard_latency: Family<Labels, Histogram>,
+    residency_denials: Family<Labels, Counter>,
+    partial_responses: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -181,6 +209,16 @@ impl Metrics {
             refused_connections: Family::default(),
             reloads: Family::default(),
             local_replies: Family::default(),
+            directory_hits: Family::default(),
+            directory_misses: Family::default(),
+            directory_stale: Family::default(),
+            directory_errors: Family::default(),
+            directory_inflight: Family::default(),
+            shard_requests: Family::default(),
+            shard_errors: Family::default(),
+            shard_latency: Family::default(),
+            residency_denials: Family::default(),
+            partial_responses: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -248,6 +286,56 @@ impl Metrics {
                 "Responses attache answered itself, by reason",
                 m.local_replies.clone(),
             );
+            r.register(
+                "directory_cache_hits",
+                "Directory lookups answered from the cache",
+                m.directory_hits.clone(),
+            );
+            r.register(
+                "directory_cache_misses",
+                "Directory lookups that went to the lookup service",
+                m.directory_misses.clone(),
+            );
+            r.register(
+                "directory_stale_serves",
+                "Stale entries served because the lookup service failed",
+                m.directory_stale.clone(),
+            );
+            r.register(
+                "directory_lookup_errors",
+                "Failed lookups",
+                m.directory_errors.clone(),
+            );
+            r.register(
+                "directory_lookups_in_flight",
+                "Lookups in flight (single-flight: one per key)",
+                m.directory_inflight.clone(),
+            );
+            r.register(
+                "shard_requests",
+                "Requests sent to a shard",
+                m.shard_requests.clone(),
+            );
+            r.register(
+                "shard_errors",
+                "Requests to a shard that failed or got a 5xx",
+                m.shard_errors.clone(),
+            );
+            r.register(
+                "shard_duration_seconds",
+                "Shard time to response head",
+                m.shard_latency.clone(),
+            );
+            r.register(
+                "residency_denials",
+                "Requests refused because no allowed shard could serve",
+                m.residency_denials.clone(),
+            );
+            r.register(
+                "partial_responses",
+                "Scatter-gather answers with missing shards",
+                m.partial_responses.clone(),
+            );
         }
         m
     }
@@ -289,6 +377,42 @@ impl Metrics {
             active_connections: self.active_connections.get_or_create(&base).clone(),
             refused_connections: self.refused_connections.get_or_create(&base).clone(),
         }
+    }
+
+    /// Handles for one directory.
+    pub fn directory(&self, name: &str) -> DirectoryStats {
+        let l = labels(&[("directory", name)]);
+        DirectoryStats {
+            hits: self.directory_hits.get_or_create(&l).clone(),
+            misses: self.directory_misses.get_or_create(&l).clone(),
+            stale: self.directory_stale.get_or_create(&l).clone(),
+            errors: self.directory_errors.get_or_create(&l).clone(),
+            inflight: self.directory_inflight.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Handles for one shard of a set.
+    pub fn shard(&self, set: &str, shard: &str) -> ShardStats {
+        let l = labels(&[("shard_set", set), ("shard", shard)]);
+        ShardStats {
+            requests: self.shard_requests.get_or_create(&l).clone(),
+            errors: self.shard_errors.get_or_create(&l).clone(),
+            latency: self.shard_latency.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Counts a residency denial (the failure path).
+    pub fn residency_denial(&self, set: &str, region: &str) {
+        self.residency_denials
+            .get_or_create(&labels(&[("shard_set", set), ("region", region)]))
+            .inc();
+    }
+
+    /// Counts a partial scatter-gather answer.
+    pub fn partial(&self, set: &str) {
+        self.partial_responses
+            .get_or_create(&labels(&[("shard_set", set)]))
+            .inc();
     }
 
     /// Counts an upstream failure (the failure path, where a label lookup is affordable).

@@ -7,4 +7,6 @@ pub mod access_log;
 pub mod metrics;
 
 pub use access_log::{AccessLog, LogRecord};
-pub use metrics::{ClusterStats, Histogram, ListenerStats, Metrics, RouteStats};
+pub use metrics::{
+    ClusterStats, DirectoryStats, Histogram, ListenerStats, Metrics, RouteStats, ShardStats,
+};

@@ -182,6 +182,11 @@ impl ClusterState {
             .map(|i| endpoints[i].clone())
     }
 
+    /// Whether any endpoint can take a request now.
+    pub fn available(&self) -> bool {
+        self.endpoints.load().iter().any(|e| e.healthy())
+    }
+
     /// This worker's pooled client.
     pub fn client(&self, worker: usize) -> &Client {
         &self.clients[worker % self.clients.len()]

@@ -1,7 +1,7 @@
 //! Test support: scripted upstreams on real sockets, an attache process started from a config,
 //! and a small HTTP client. Every address is 127.0.0.1 with a port the kernel picked.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
