@@ -582,10 +582,7 @@ pub struct Completion {
 
 impl Completion {
     fn new(conn: Arc<ConnCtx>, snap: Arc<Snapshot>, req: &Request<Incoming>) -> Completion {
-        let path = conn
-            .shared
-            .access_log
-            .enabled()
+        let path = (conn.shared.access_log.enabled() || conn.shared.recent.watched())
             .then(|| req.uri().path().to_owned());
         Completion {
             conn,
@@ -613,6 +610,30 @@ impl Drop for Completion {
             let stats = &self.snap.listeners[self.conn.listener].routes[r];
             stats.responses[class_index(self.status)].inc();
             stats.latency.observe(elapsed);
+        }
+        let recent = &self.conn.shared.recent;
+        if recent.watched() {
+            let route = self.route.and_then(|r| match &listener.kind {
+                ListenerKind::Http { routes, .. } => routes.get(r).map(|r| r.name.clone()),
+                ListenerKind::Tcp { .. } => None,
+            });
+            recent.record(crate::telemetry::recent::Recent {
+                ts_ms: crate::telemetry::recent::now_ms(),
+                listener: listener.name.clone(),
+                route,
+                cluster: self
+                    .cluster
+                    .map(|c| self.snap.config.clusters[c].name.clone()),
+                shard: self
+                    .shard
+                    .map(|(s, i)| self.snap.config.shard_sets[s].shards[i].name.clone()),
+                region: self.region.as_deref().map(str::to_owned),
+                method: self.method.to_string(),
+                path: self.path.clone().unwrap_or_default(),
+                status: self.status,
+                duration_ms: elapsed.as_secs_f64() * 1e3,
+                reason: self.reason,
+            });
         }
         let log = &self.conn.shared.access_log;
         if log.enabled() {

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use crate::config::{self, Config, ListenerKind};
 use crate::config::{Locate, ShardSet};
 use crate::shard::DirectoryState;
+use crate::telemetry::recent::RecentRequests;
 use crate::telemetry::{AccessLog, ListenerStats, Metrics, RouteStats, ShardStats};
 use crate::upstream::{self, ClusterState};
 
@@ -36,6 +37,19 @@ pub struct ListenerRuntime {
     pub routes: Vec<RouteStats>,
 }
 
+/// An extra admin handler: gets the method and path (and body), answers or passes (`None`).
+pub type AdminHook = Arc<
+    dyn Fn(
+            http::Method,
+            String,
+            bytes::Bytes,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            Option<http::Response<http_body_util::Full<bytes::Bytes>>>,
+        > + Send
+        + Sync,
+>;
+
 /// State shared by every worker, the admin listener and the signal handler.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
@@ -45,6 +59,11 @@ pub struct Shared {
     pub config_path: PathBuf,
     /// Open client connections per listener (for `max_connections`).
     pub connections: Vec<AtomicUsize>,
+    /// The last requests, for the dashboard.
+    pub recent: RecentRequests,
+    /// Extra admin routes (the demo's fault controls), answered before the built-in ones.
+    pub admin_hook: std::sync::OnceLock<AdminHook>,
+    pub started: std::time::Instant,
     ready: AtomicBool,
     generation: AtomicU64,
 }
@@ -183,6 +202,9 @@ impl Shared {
             workers,
             config_path,
             connections,
+            recent: RecentRequests::default(),
+            admin_hook: std::sync::OnceLock::new(),
+            started: std::time::Instant::now(),
             ready: AtomicBool::new(false),
             generation: AtomicU64::new(1),
         })

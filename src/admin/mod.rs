@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::state::Shared;
+
+mod stats;
 
 /// Serves the admin API until the process ends.
 pub async fn serve(socket: TcpListener, shared: Arc<Shared>) {
@@ -60,7 +62,25 @@ async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let resp = match (req.method(), req.uri().path()) {
+    if let Some(hook) = shared.admin_hook.get() {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if let Some(resp) = hook(method.clone(), path.clone(), body).await {
+            return Ok(resp);
+        }
+        return Ok(builtin(&method, &path, &shared).await);
+    }
+    Ok(builtin(req.method(), req.uri().path(), &shared).await)
+}
+
+async fn builtin(method: &Method, path: &str, shared: &Shared) -> Response<Full<Bytes>> {
+    match (method, path) {
+        (&Method::GET, "/stats") => json(&stats::stats(shared)),
         (&Method::GET, "/ready") => {
             if shared.is_ready() {
                 reply(StatusCode::OK, "text/plain", "ready\n")
@@ -103,11 +123,10 @@ async fn handle(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /, /ready, /live, /metrics, /config, /clusters\n",
+            "not found: try /, /ready, /live, /metrics, /config, /clusters, /stats\n",
         ),
-    };
-    Ok(resp)
+    }
 }
 
-/// The dashboard page: self-contained, polls `/clusters` and `/metrics`.
+/// The dashboard page: self-contained, polls `/stats`.
 const DASHBOARD: &str = include_str!("dashboard.html");

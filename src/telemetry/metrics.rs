@@ -408,6 +408,22 @@ impl Metrics {
             .inc();
     }
 
+    /// Residency denials over every set and region (for the dashboard).
+    pub fn residency_denials_total(&self) -> u64 {
+        // Families keep no list of their members; encode and sum is the public way, and the
+        // dashboard's poll rate makes its cost irrelevant.
+        let mut out = String::new();
+        let mut r = Registry::default();
+        r.register("d", "", self.residency_denials.clone());
+        if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
+            return 0;
+        }
+        out.lines()
+            .filter(|l| l.starts_with("d_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Counts a partial scatter-gather answer.
     pub fn partial(&self, set: &str) {
         self.partial_responses

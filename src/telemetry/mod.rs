@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod metrics;
+pub mod recent;
 
 pub use access_log::{AccessLog, LogRecord};
 pub use metrics::{
