@@ -39,8 +39,12 @@ pub enum ProxyError {
     Timeout { endpoint: String, timeout_ms: u64 },
     #[error("upstream {endpoint} sent an invalid response: {detail}")]
     UpstreamProtocol { endpoint: String, detail: String },
-    #[error("too many connections")]
-    Overloaded,
+    #[error("cluster `{cluster}` is at its concurrency limit")]
+    Overloaded { cluster: String },
+    #[error("the circuit breaker of cluster `{cluster}` is open")]
+    CircuitOpen { cluster: String },
+    #[error("rate limited: retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
     #[error("the request has no shard key ({from})")]
     ShardKeyMissing { from: String },
     #[error("the shard key is unusable: {0}")]
@@ -78,7 +82,9 @@ impl ProxyError {
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::UpstreamProtocol { .. } => "upstream-protocol-error",
-            ProxyError::Overloaded => "overloaded",
+            ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::CircuitOpen { .. } => "circuit-open",
+            ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::ShardKeyMissing { .. } => "shard-key-missing",
             ProxyError::ShardKeyInvalid(_) => "shard-key-invalid",
             ProxyError::Unauthorized(_) => "jwt-invalid",
@@ -105,8 +111,10 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::ResidencyDenied { .. } => StatusCode::FORBIDDEN,
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyEndpoint { .. }
-            | ProxyError::Overloaded
+            | ProxyError::Overloaded { .. }
+            | ProxyError::CircuitOpen { .. }
             | ProxyError::DirectoryUnavailable(_)
             | ProxyError::ResidencyUnavailable { .. }
             | ProxyError::ShardUnavailable { .. }
@@ -129,9 +137,11 @@ impl ProxyError {
             | ProxyError::Unauthorized(_)
             | ProxyError::ShardKeyUnknown
             | ProxyError::TooManyKeys { .. }
+            | ProxyError::RateLimited { .. }
             | ProxyError::TooLarge { .. } => Side::Downstream,
             ProxyError::NoHealthyEndpoint { .. }
-            | ProxyError::Overloaded
+            | ProxyError::CircuitOpen { .. }
+            | ProxyError::Overloaded { .. }
             | ProxyError::ResidencyDenied { .. }
             | ProxyError::ResidencyUnavailable { .. }
             | ProxyError::ShardUnavailable { .. }
@@ -153,7 +163,27 @@ impl ProxyError {
 
     /// The response attache sends for this error.
     pub fn response(&self) -> Response<Full<Bytes>> {
-        error_response(self.status(), self.reason(), &self.to_string())
+        let mut resp = error_response(self.status(), self.reason(), &self.to_string());
+        if let ProxyError::RateLimited { retry_after_ms } = self {
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+
+    /// Whether the destination could not serve (what a route's fallback answers for).
+    pub fn unavailable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoHealthyEndpoint { .. }
+                | ProxyError::ConnectFailed { .. }
+                | ProxyError::CircuitOpen { .. }
+                | ProxyError::Overloaded { .. }
+                | ProxyError::Timeout { .. }
+                | ProxyError::UpstreamReset { .. }
+                | ProxyError::ResidencyUnavailable { .. }
+                | ProxyError::ShardUnavailable { .. }
+        )
     }
 }
 

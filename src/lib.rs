@@ -20,6 +20,7 @@
 //! | [`telemetry`] | Prometheus metrics and the JSON access log |
 //! | [`admin`] | the admin listener: `/ready`, `/live`, `/metrics`, `/config`, `/clusters`, `/` |
 //! | [`explain`] | `attache explain`: the proxy's decision for a request, without sending it |
+//! | [`resilience`] | retries with budgets, circuit breakers (outlier ejection), concurrency and rate limits |
 //! | [`state`] | the config snapshot swapped on reload, shared by every worker |
 //! | [`server`] | process lifecycle: workers, signals, reload, drain |
 //!
@@ -47,6 +48,7 @@ pub mod error;
 pub mod explain;
 pub mod listener;
 pub mod proxy;
+pub mod resilience;
 pub mod route;
 pub mod server;
 pub mod shard;

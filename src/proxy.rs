@@ -17,13 +17,14 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::stable_hash;
 use crate::config::ShardId;
 use crate::config::{Balance, Destination, Forwarded, HashOn, HeaderOps, ListenerKind, Route};
+use crate::resilience::Admit;
 use crate::error::ProxyError;
 use crate::route::{self, RequestHead, RouteDecision};
 use crate::shard;
@@ -70,6 +71,11 @@ pub async fn handle(
             Ok(resp.map(|b| ProxyBody::new(b, done)))
         }
         Err(e) => {
+            if let Some(resp) = fallback(&snap, &done, &e) {
+                done.status = resp.status().as_u16();
+                done.reason = Some(e.reason());
+                return Ok(resp.map(|b| ProxyBody::new(Either::Right(b), done)));
+            }
             done.status = e.status().as_u16();
             done.reason = Some(e.reason());
             done.conn.shared.metrics.local_reply(e.reason());
@@ -83,6 +89,25 @@ pub async fn handle(
             Ok(e.response().map(|b| ProxyBody::new(Either::Right(b), done)))
         }
     }
+}
+
+/// The route's static fallback, when its destination could not serve.
+fn fallback(snap: &Snapshot, done: &Completion, e: &ProxyError) -> Option<Response<Full<Bytes>>> {
+    if !e.unavailable() {
+        return None;
+    }
+    let route = done.route?;
+    let ListenerKind::Http { routes, .. } = &snap.config.listeners[done.conn.listener].kind else {
+        return None;
+    };
+    let f = routes[route].fallback.as_ref()?;
+    let mut resp = Response::new(Full::new(f.body.clone()));
+    *resp.status_mut() = f.status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, f.content_type.clone());
+    if let Ok(v) = HeaderValue::from_str(e.reason()) {
+        resp.headers_mut().insert("x-attache-fallback", v);
+    }
+    Some(resp)
 }
 
 /// The body of a response on its way back: the upstream's, streamed, or one attache made
@@ -109,125 +134,467 @@ async fn forward(
     })?;
     let route = &routes[decision.route];
     done.route = Some(decision.route);
-    snap.listeners[conn.listener].routes[decision.route]
-        .requests
-        .inc();
+    snap.listeners[conn.listener].routes[decision.route].requests.inc();
+    rate_limit(snap, conn.listener, decision.route, route, &head, &decision, &conn)?;
 
-    match route.destination {
-        Destination::Cluster(cluster) => {
-            let key = hash_key(
-                &snap.clusters[cluster].config.balance,
-                &head,
-                &decision,
-                route,
-            );
-            done.cluster = Some(cluster);
-            let req = req.map(Either::Left);
-            let resp = attempt(
-                req,
-                snap,
-                cluster,
-                key,
-                route,
-                forwarded,
-                &conn,
-                &mut done.endpoint,
-            )
-            .await?;
-            Ok(resp.map(Either::Left))
-        }
+    // Decide the destination: one cluster, or the shards the key is allowed on.
+    let plan;
+    let targets = match route.destination {
+        Destination::Cluster(cluster) => Targets::Cluster(cluster),
         Destination::Shards(set_id) => {
             let set = &snap.config.shard_sets[set_id];
             if let Some(batch) = &route.batch {
-                let resp =
-                    shard::scatter::gather(req, snap, set_id, route, batch, forwarded, &conn)
-                        .await?;
+                let resp = shard::scatter::gather(req, snap, set_id, route, batch, forwarded, &conn).await?;
                 return Ok(resp.map(Either::Right));
             }
-            // Decide the shard: key → directory → allowed shards (the residency guarantee).
-            let plan = shard::plan(
-                set,
-                snap.directory_of(set),
-                &head,
-                &decision.captures,
-                route,
-            )
-            .await
-            .map_err(|r| ProxyError::from_refusal(r, &set.key.to_string()))?;
-            done.region = plan.region.clone();
-            let keys: Vec<Option<u64>> = plan
-                .allowed
-                .iter()
-                .map(|&id| {
-                    hash_key(
-                        &snap.clusters[set.shards[id].cluster].config.balance,
-                        &head,
-                        &decision,
-                        route,
-                    )
-                })
-                .collect();
-            // A request without a body can fail over to the next allowed shard: keep its head.
-            let replay =
-                (plan.allowed.len() > 1 && req.body().is_end_stream()).then(|| head_of(&req));
-            let mut first = Some(req.map(Either::Left));
-            let mut tried = Vec::with_capacity(plan.allowed.len());
-            let mut last_error: Option<ProxyError> = None;
-            loop {
-                let available = |id: ShardId| snap.clusters[set.shards[id].cluster].available();
-                let next = shard::first_available(&plan.allowed, &tried, available);
-                let (Some(shard_id), Some(req)) =
-                    (next, first.take().or_else(|| replay.as_ref().map(rebuild)))
-                else {
-                    return Err(shard_unavailable(snap, set_id, &plan, last_error, &conn));
-                };
-                let position = plan
-                    .allowed
-                    .iter()
-                    .position(|&a| a == shard_id)
-                    .unwrap_or(0);
-                tried.push(shard_id);
-                let cluster = set.shards[shard_id].cluster;
-                done.cluster = Some(cluster);
-                done.shard = Some((set_id, shard_id));
-                let stats = &snap.shard_stats[set_id][shard_id];
-                stats.requests.inc();
-                let started = Instant::now();
-                match attempt(
-                    req,
-                    snap,
-                    cluster,
-                    keys[position],
-                    route,
-                    forwarded,
-                    &conn,
-                    &mut done.endpoint,
-                )
+            plan = shard::plan(set, snap.directory_of(set), &head, &decision.captures, route)
                 .await
+                .map_err(|r| ProxyError::from_refusal(r, &set.key.to_string()))?;
+            done.region = plan.region.clone();
+            Targets::Shards { set: set_id, plan: &plan }
+        }
+    };
+    let keys: Vec<(usize, Option<u64>)> = targets
+        .clusters(snap)
+        .map(|c| (c, hash_key(&snap.clusters[c].config.balance, &head, &decision, route)))
+        .collect();
+
+    // Act: tries, retries and failover, within the targets only.
+    let resp = execute(req, snap, route, forwarded, &conn, done, targets, &keys).await?;
+    Ok(resp.map(Either::Left))
+}
+
+/// Where a request may go.
+#[derive(Clone, Copy)]
+enum Targets<'p> {
+    Cluster(usize),
+    /// The allowed shards of a set, in order: the residency guarantee.
+    Shards { set: usize, plan: &'p shard::Plan },
+}
+
+impl Targets<'_> {
+    fn clusters<'s>(&'s self, snap: &'s Snapshot) -> impl Iterator<Item = usize> + 's {
+        let (one, many): (Option<usize>, &[ShardId]) = match self {
+            Targets::Cluster(c) => (Some(*c), &[]),
+            Targets::Shards { plan, .. } => (None, &plan.allowed),
+        };
+        let set = match self {
+            Targets::Shards { set, .. } => Some(&snap.config.shard_sets[*set]),
+            Targets::Cluster(_) => None,
+        };
+        one.into_iter()
+            .chain(many.iter().filter_map(move |&id| set.map(|s| s.shards[id].cluster)))
+    }
+}
+
+/// The route's rate limit, if any: 429 with `Retry-After` when over it.
+fn rate_limit(
+    snap: &Snapshot,
+    listener: usize,
+    route_index: usize,
+    route: &Route,
+    head: &RequestHead<'_>,
+    decision: &RouteDecision,
+    conn: &ConnCtx,
+) -> Result<(), ProxyError> {
+    let (Some(limiter), Some(policy)) = (&snap.rate_limiters[listener][route_index], &route.rate_limit) else {
+        return Ok(());
+    };
+    let key: Option<std::borrow::Cow<'_, str>> = match &policy.per {
+        None => None,
+        Some(HashOn::Header(h)) => head.header(h).map(std::borrow::Cow::Borrowed),
+        Some(HashOn::Query(q)) => head.query_param(q),
+        Some(HashOn::Cookie(c)) => head.cookie(c).map(std::borrow::Cow::Borrowed),
+        Some(HashOn::Capture(n)) => match &route.matcher.path {
+            Some(crate::config::PathMatch::Template(t)) => t
+                .name_index(n)
+                .and_then(|i| decision.captures.get(i, head.path))
+                .map(std::borrow::Cow::Borrowed),
+            _ => None,
+        },
+    };
+    // A keyed limit with no key in the request shares one bucket ("" key).
+    let key = if policy.per.is_some() { Some(key.unwrap_or_default()) } else { None };
+    limiter.check(key.as_deref()).map_err(|wait| {
+        let listener = &snap.config.listeners[listener].name;
+        conn.shared.metrics.rate_limited(listener, &route.name);
+        ProxyError::RateLimited {
+            retry_after_ms: wait.as_millis() as u64,
+        }
+    })
+}
+
+/// A request body as kept for tries: streamed once, or buffered for replays.
+enum TryBody {
+    Stream(Option<Incoming>),
+    Replay(Bytes),
+}
+
+/// Runs the tries of one request: target choice (first available allowed shard), cluster
+/// breaker, concurrency limit, endpoint choice, the try itself (hedged when configured), and
+/// the retry decision (policy, budget, deadline). Never leaves the targets.
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    req: Request<Incoming>,
+    snap: &Snapshot,
+    route: &Route,
+    forwarded: &Forwarded,
+    conn: &ConnCtx,
+    done: &mut Completion,
+    targets: Targets<'_>,
+    keys: &[(usize, Option<u64>)],
+) -> Result<Response<Incoming>, ProxyError> {
+    let started = Instant::now();
+    let deadline = started + route.timeout;
+    let first_cluster = keys.first().map(|k| k.0).unwrap_or(0);
+    let cluster_config = &snap.clusters[first_cluster].config;
+    let policy = route.retry.as_ref().unwrap_or(&cluster_config.retry);
+    let per_try = route
+        .per_try_timeout
+        .or(cluster_config.per_try_timeout)
+        .unwrap_or(route.timeout);
+    let safe = policy.may_retry(req.method(), req.headers());
+    let many_targets = keys.len() > 1;
+    let replay_wanted = policy.attempts > 1 || route.hedge.is_some() || many_targets;
+
+    // The body: an empty one replays for free; a small one of known length is buffered when
+    // a replay may be wanted; anything else streams once.
+    let (parts, incoming) = req.into_parts();
+    let mut body = if incoming.is_end_stream() {
+        TryBody::Replay(Bytes::new())
+    } else if replay_wanted && content_length(&parts.headers).is_some_and(|n| n <= policy.max_body as u64) {
+        let bytes = http_body_util::Limited::new(incoming, policy.max_body)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::BadRequest(format!("reading the request body: {e}")))?
+            .to_bytes();
+        TryBody::Replay(bytes)
+    } else {
+        TryBody::Stream(Some(incoming))
+    };
+    let replay_head = (replay_wanted && matches!(body, TryBody::Replay(_)))
+        .then(|| (parts.method.clone(), parts.uri.clone(), parts.version, parts.headers.clone()));
+    let mut original = Some(parts);
+
+    let mut attempt_no = 0u32;
+    let mut tried_shards: Vec<ShardId> = Vec::new();
+    let mut avoid: Option<std::net::SocketAddr> = None;
+    loop {
+        attempt_no += 1;
+        done.attempts = attempt_no;
+        // Target: the cluster, or the first available allowed shard not yet given up on.
+        let (cluster_id, shard_id) = match targets {
+            Targets::Cluster(c) => (c, None),
+            Targets::Shards { set, plan } => {
+                let s = &snap.config.shard_sets[set];
+                let available = |id: ShardId| snap.clusters[s.shards[id].cluster].available();
+                match shard::first_available(&plan.allowed, &tried_shards, available) {
+                    Some(id) => (s.shards[id].cluster, Some(id)),
+                    None => return Err(shard_unavailable(snap, set, plan, None, conn)),
+                }
+            }
+        };
+        let cluster = &snap.clusters[cluster_id];
+        done.cluster = Some(cluster_id);
+        if let (Targets::Shards { set, .. }, Some(id)) = (targets, shard_id) {
+            done.shard = Some((set, id));
+        }
+        let key = keys.iter().find(|k| k.0 == cluster_id).and_then(|k| k.1);
+
+        // The cluster's breaker and concurrency limit.
+        let admit = match &cluster.breaker {
+            None => Admit::Yes,
+            Some(b) => b.admit(),
+        };
+        if admit == Admit::No {
+            let e = ProxyError::CircuitOpen { cluster: cluster.config.name.clone() };
+            return Err(finish_error(e, targets, snap, conn));
+        }
+        let _slot = match &cluster.limit {
+            None => None,
+            Some(l) => match l.acquire(deadline.saturating_duration_since(Instant::now())).await {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    cluster.stats.overloaded.inc();
+                    release_probe(cluster, admit);
+                    let e = ProxyError::Overloaded { cluster: cluster.config.name.clone() };
+                    return Err(finish_error(e, targets, snap, conn));
+                }
+            },
+        };
+
+        // The request for this try.
+        let req = match (original.take(), &mut body) {
+            (Some(p), TryBody::Stream(b)) => match b.take() {
+                Some(b) => Request::from_parts(p, Either::Left(b)),
+                None => Request::from_parts(p, Either::Right(Full::new(Bytes::new()))),
+            },
+            (Some(p), TryBody::Replay(b)) => Request::from_parts(p, Either::Right(Full::new(b.clone()))),
+            (None, TryBody::Replay(b)) => match &replay_head {
+                Some(h) => rebuild(h, b.clone()),
+                None => unreachable_retry()?,
+            },
+            (None, TryBody::Stream(_)) => unreachable_retry()?,
+        };
+        let Some(endpoint) = cluster.pick(key, avoid) else {
+            release_probe(cluster, admit);
+            let e = ProxyError::NoHealthyEndpoint { cluster: cluster.config.name.clone() };
+            return Err(finish_error(e, targets, snap, conn));
+        };
+        let try_timeout = per_try.min(deadline.saturating_duration_since(Instant::now()));
+        let hedge = match (route.hedge, &replay_head, &body) {
+            (Some(delay), Some(h), TryBody::Replay(b)) if safe && attempt_no == 1 => {
+                Some((delay, rebuild(h, b.clone())))
+            }
+            _ => None,
+        };
+        let sent = send_hedged(req, hedge, snap, cluster_id, key, &endpoint, route, forwarded, conn, try_timeout).await;
+        let stats = shard_id.and_then(|id| match targets {
+            Targets::Shards { set, .. } => Some(&snap.shard_stats[set][id]),
+            Targets::Cluster(_) => None,
+        });
+        if let Some(st) = stats {
+            st.requests.inc();
+            if sent.outcome_failed() {
+                st.errors.inc();
+            }
+        }
+        record_breakers(cluster, &sent.endpoint, admit, !sent.outcome_failed());
+        done.endpoint = Some(sent.in_flight);
+
+        // Retry? Only within the policy, the budget and the deadline, and with a body to send.
+        let can_replay = replay_head.is_some();
+        let retry_after = match &sent.result {
+            Ok(resp) => crate::resilience::retry::retry_after(resp.headers()),
+            Err(_) => None,
+        };
+        let wait = policy.should_retry(attempt_no, sent.outcome, safe, retry_after);
+        let retry = match wait {
+            Some(d) if can_replay && Instant::now() + d < deadline => {
+                if cluster.budget.withdraw() {
+                    Some(d)
+                } else {
+                    cluster.stats.budget_exhausted.inc();
+                    None
+                }
+            }
+            _ => None,
+        };
+        match retry {
+            None => {
+                return match sent.result {
+                    Ok(resp) => Ok(resp),
+                    Err(e) => Err(finish_error(e, targets, snap, conn)),
+                }
+            }
+            Some(d) => {
+                cluster.stats.retries.inc();
+                avoid = Some(sent.endpoint.addr);
+                // A shard that cannot be reached gives way to the next allowed one, if any.
+                if let (Targets::Shards { plan, .. }, Some(id), crate::resilience::Outcome::ConnectFailed) =
+                    (targets, shard_id, sent.outcome)
                 {
-                    Ok(resp) => {
-                        stats.latency.observe(started.elapsed());
-                        if resp.status().is_server_error() {
-                            stats.errors.inc();
-                        }
-                        return Ok(resp.map(Either::Left));
-                    }
-                    // Never reached the shard: the next allowed one may take it.
-                    Err(
-                        e @ (ProxyError::ConnectFailed { .. }
-                        | ProxyError::NoHealthyEndpoint { .. }),
-                    ) => {
-                        stats.errors.inc();
-                        last_error = Some(e);
-                    }
-                    Err(e) => {
-                        stats.errors.inc();
-                        return Err(e);
+                    if plan.allowed.len() > tried_shards.len() + 1 {
+                        tried_shards.push(id);
                     }
                 }
+                drop(sent.result);
+                tokio::time::sleep(d).await;
             }
         }
     }
+}
+
+fn unreachable_retry<T>() -> Result<T, ProxyError> {
+    // The loop only comes round again with a replayable body.
+    Err(ProxyError::BadRequest("the request body cannot be sent twice".into()))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Gives back a half-open probe that was not used.
+fn release_probe(cluster: &crate::upstream::ClusterState, admit: Admit) {
+    if let (Some(b), Admit::Probe) = (&cluster.breaker, admit) {
+        b.record(Admit::Probe, false);
+    }
+}
+
+/// Records a try's result on the endpoint's and the cluster's breakers, and their metrics.
+fn record_breakers(cluster: &crate::upstream::ClusterState, endpoint: &Endpoint, admit: Admit, success: bool) {
+    if let Some(b) = &endpoint.breaker {
+        let before = b.state();
+        b.record(if before == crate::resilience::breaker::State::HalfOpen { Admit::Probe } else { Admit::Yes }, success);
+        if before != crate::resilience::breaker::State::Open && b.state() == crate::resilience::breaker::State::Open {
+            cluster.stats.ejections.inc();
+            tracing::warn!(cluster = %cluster.config.name, endpoint = %endpoint.addr, "endpoint ejected");
+        }
+    }
+    if let Some(b) = &cluster.breaker {
+        let before = b.transitions.load(std::sync::atomic::Ordering::Relaxed);
+        b.record(admit, success);
+        let after = b.transitions.load(std::sync::atomic::Ordering::Relaxed);
+        if after != before {
+            cluster.stats.breaker_transitions.inc_by(after - before);
+            cluster.stats.breaker_state.set(b.state().as_gauge());
+            tracing::warn!(cluster = %cluster.config.name, state = ?b.state(), "circuit breaker changed");
+        }
+    }
+}
+
+/// Maps an error at the end of a shard-routed request: when no allowed shard could be reached,
+/// the answer is `residency-unavailable` (or `shard-unavailable`), never another shard.
+fn finish_error(e: ProxyError, targets: Targets<'_>, snap: &Snapshot, conn: &ConnCtx) -> ProxyError {
+    match targets {
+        Targets::Shards { set, plan }
+            if matches!(
+                e,
+                ProxyError::ConnectFailed { .. }
+                    | ProxyError::NoHealthyEndpoint { .. }
+                    | ProxyError::CircuitOpen { .. }
+                    | ProxyError::Overloaded { .. }
+            ) =>
+        {
+            shard_unavailable(snap, set, plan, Some(e), conn)
+        }
+        _ => e,
+    }
+}
+
+/// One try's result.
+struct Sent {
+    result: Result<Response<Incoming>, ProxyError>,
+    outcome: crate::resilience::Outcome,
+    endpoint: Arc<Endpoint>,
+    in_flight: InFlight,
+}
+
+impl Sent {
+    /// Whether the try counts as a failure for breakers: no answer, or a 5xx.
+    fn outcome_failed(&self) -> bool {
+        match self.outcome {
+            crate::resilience::Outcome::Response { status, .. } => status.is_server_error(),
+            _ => true,
+        }
+    }
+}
+
+/// One try, and when hedging is on, a second try to another endpoint after the delay; the
+/// first good answer wins and the other is dropped (cancelled).
+#[allow(clippy::too_many_arguments)]
+async fn send_hedged(
+    req: Request<ReqBody>,
+    hedge: Option<(std::time::Duration, Request<ReqBody>)>,
+    snap: &Snapshot,
+    cluster_id: usize,
+    key: Option<u64>,
+    endpoint: &Arc<Endpoint>,
+    route: &Route,
+    forwarded: &Forwarded,
+    conn: &ConnCtx,
+    timeout: std::time::Duration,
+) -> Sent {
+    let primary = send_one(req, snap, cluster_id, endpoint.clone(), route, forwarded, conn, timeout);
+    let Some((delay, second)) = hedge else {
+        return primary.await;
+    };
+    tokio::pin!(primary);
+    tokio::select! {
+        sent = &mut primary => return sent,
+        _ = tokio::time::sleep(delay) => {}
+    }
+    let cluster = &snap.clusters[cluster_id];
+    let other = cluster.pick(key, Some(endpoint.addr)).filter(|e| e.addr != endpoint.addr);
+    let Some(other) = other else { return primary.await };
+    if !cluster.budget.withdraw() {
+        cluster.stats.budget_exhausted.inc();
+        return primary.await;
+    }
+    cluster.stats.hedges.inc();
+    let remaining = timeout.saturating_sub(delay);
+    let secondary = send_one(second, snap, cluster_id, other, route, forwarded, conn, remaining);
+    tokio::pin!(secondary);
+    tokio::select! {
+        sent = &mut primary => if sent.outcome_failed() { secondary.await } else { sent },
+        sent = &mut secondary => if sent.outcome_failed() { primary.await } else { sent },
+    }
+}
+
+/// Sends one try to one endpoint, bounded by `timeout`.
+#[allow(clippy::too_many_arguments)]
+async fn send_one(
+    mut req: Request<ReqBody>,
+    snap: &Snapshot,
+    cluster_id: usize,
+    endpoint: Arc<Endpoint>,
+    route: &Route,
+    forwarded: &Forwarded,
+    conn: &ConnCtx,
+    timeout: std::time::Duration,
+) -> Sent {
+    use crate::resilience::Outcome;
+    let cluster = &snap.clusters[cluster_id];
+    let in_flight = endpoint.start_request();
+    let client_upgrade = match prepare_request(&mut req, route, forwarded, conn, &endpoint, cluster.config.protocol) {
+        Ok(u) => u,
+        Err(e) => {
+            return Sent {
+                result: Err(e),
+                outcome: Outcome::Response { status: StatusCode::BAD_REQUEST, grpc: None },
+                endpoint,
+                in_flight,
+            }
+        }
+    };
+    cluster.stats.requests.inc();
+    cluster.stats.active.inc();
+    let sent = Instant::now();
+    let result = tokio::time::timeout(timeout, cluster.client(conn.worker).request(req)).await;
+    cluster.stats.active.dec();
+    let (result, outcome) = match result {
+        Err(_) => (
+            Err(ProxyError::Timeout {
+                endpoint: endpoint.addr.to_string(),
+                timeout_ms: timeout.as_millis() as u64,
+            }),
+            Outcome::Timeout,
+        ),
+        Ok(Err(e)) => {
+            let err = classify(&e, &endpoint);
+            let outcome = match err {
+                ProxyError::ConnectFailed { .. } => Outcome::ConnectFailed,
+                _ => Outcome::Reset,
+            };
+            (Err(err), outcome)
+        }
+        Ok(Ok(mut resp)) => {
+            cluster.stats.latency.observe(sent.elapsed());
+            cluster.stats.responses[class_index(resp.status().as_u16())].inc();
+            let grpc = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let outcome = Outcome::Response { status: resp.status(), grpc };
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client_upgrade) = client_upgrade {
+                    tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
+                    return Sent { result: Ok(resp), outcome, endpoint, in_flight };
+                }
+            }
+            strip_hop_by_hop(resp.headers_mut(), false);
+            apply_header_ops(resp.headers_mut(), &route.response_headers);
+            (Ok(resp), outcome)
+        }
+    };
+    if result.is_err() {
+        endpoint.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    Sent { result, outcome, endpoint, in_flight }
 }
 
 /// The answer when no allowed shard can serve: fast, and never another shard.
@@ -239,14 +606,10 @@ fn shard_unavailable(
     conn: &ConnCtx,
 ) -> ProxyError {
     let set = &snap.config.shard_sets[set_id];
-    let names: Vec<&str> = plan
-        .allowed
-        .iter()
-        .map(|&i| set.shards[i].name.as_str())
-        .collect();
+    let names: Vec<&str> = plan.allowed.iter().map(|&i| set.shards[i].name.as_str()).collect();
     let detail = match last_error {
         Some(e) => e.to_string(),
-        None => "no healthy endpoint".to_owned(),
+        None => "no healthy endpoint, or its circuit is open".to_owned(),
     };
     if plan.residency {
         let region = plan.region.as_deref().unwrap_or("?");
@@ -263,18 +626,8 @@ fn shard_unavailable(
     }
 }
 
-/// A copy of a bodiless request's head, to send it again.
-fn head_of(req: &Request<Incoming>) -> (Method, Uri, Version, HeaderMap) {
-    (
-        req.method().clone(),
-        req.uri().clone(),
-        req.version(),
-        req.headers().clone(),
-    )
-}
-
-fn rebuild(head: &(Method, Uri, Version, HeaderMap)) -> Request<ReqBody> {
-    let mut req = Request::new(Either::Right(Full::new(Bytes::new())));
+fn rebuild(head: &(Method, Uri, Version, HeaderMap), body: Bytes) -> Request<ReqBody> {
+    let mut req = Request::new(Either::Right(Full::new(body)));
     *req.method_mut() = head.0.clone();
     *req.uri_mut() = head.1.clone();
     *req.version_mut() = head.2;
@@ -282,10 +635,11 @@ fn rebuild(head: &(Method, Uri, Version, HeaderMap)) -> Request<ReqBody> {
     req
 }
 
-/// One try against one cluster: pick an endpoint, shape the request, send, shape the response.
+/// One try against one cluster (used by scatter-gather's sub-requests): pick an endpoint,
+/// shape the request, send, shape the response.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn attempt(
-    mut req: Request<ReqBody>,
+    req: Request<ReqBody>,
     snap: &Snapshot,
     cluster_id: usize,
     key: Option<u64>,
@@ -295,56 +649,21 @@ pub(crate) async fn attempt(
     in_flight: &mut Option<InFlight>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let cluster = &snap.clusters[cluster_id];
-    let endpoint = cluster
-        .pick(key, None)
-        .ok_or_else(|| ProxyError::NoHealthyEndpoint {
-            cluster: cluster.config.name.clone(),
-        })?;
-    let client_upgrade = prepare_request(
-        &mut req,
-        route,
-        forwarded,
-        conn,
-        &endpoint,
-        cluster.config.protocol,
-    )?;
-    *in_flight = Some(endpoint.start_request());
-    cluster.stats.requests.inc();
-    cluster.stats.active.inc();
-    let sent = Instant::now();
-    let result =
-        tokio::time::timeout(route.timeout, cluster.client(conn.worker).request(req)).await;
-    cluster.stats.active.dec();
-    let mut resp = match result {
-        Err(_) => {
-            endpoint
-                .failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(ProxyError::Timeout {
-                endpoint: endpoint.addr.to_string(),
-                timeout_ms: route.timeout.as_millis() as u64,
-            });
-        }
-        Ok(Err(e)) => {
-            endpoint
-                .failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(classify(&e, &endpoint));
-        }
-        Ok(Ok(resp)) => resp,
+    let admit = match &cluster.breaker {
+        None => Admit::Yes,
+        Some(b) => b.admit(),
     };
-    cluster.stats.latency.observe(sent.elapsed());
-    cluster.stats.responses[class_index(resp.status().as_u16())].inc();
-
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
-            return Ok(resp);
-        }
+    if admit == Admit::No {
+        return Err(ProxyError::CircuitOpen { cluster: cluster.config.name.clone() });
     }
-    strip_hop_by_hop(resp.headers_mut(), false);
-    apply_header_ops(resp.headers_mut(), &route.response_headers);
-    Ok(resp)
+    let Some(endpoint) = cluster.pick(key, None) else {
+        release_probe(cluster, admit);
+        return Err(ProxyError::NoHealthyEndpoint { cluster: cluster.config.name.clone() });
+    };
+    let sent = send_one(req, snap, cluster_id, endpoint, route, forwarded, conn, route.timeout).await;
+    record_breakers(cluster, &sent.endpoint, admit, !sent.outcome_failed());
+    *in_flight = Some(sent.in_flight);
+    sent.result
 }
 
 /// The consistent-hash key of a request, hashed, when the cluster balances on one.
@@ -578,6 +897,8 @@ pub struct Completion {
     status: u16,
     bytes: u64,
     reason: Option<&'static str>,
+    /// Tries sent upstream (retries and hedges included).
+    pub(crate) attempts: u32,
 }
 
 impl Completion {
@@ -598,6 +919,7 @@ impl Completion {
             status: 0,
             bytes: 0,
             reason: None,
+            attempts: 0,
         }
     }
 }
@@ -660,6 +982,7 @@ impl Drop for Completion {
                 bytes: self.bytes,
                 duration_ms: elapsed.as_secs_f64() * 1e3,
                 reason: self.reason,
+                attempts: self.attempts,
             });
         }
     }

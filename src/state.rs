@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{self, Config, ListenerKind};
 use crate::config::{Locate, ShardSet};
+use crate::resilience::RateLimiter;
 use crate::shard::DirectoryState;
 use crate::telemetry::recent::RecentRequests;
 use crate::telemetry::{AccessLog, ListenerStats, Metrics, RouteStats, ShardStats};
@@ -27,6 +28,8 @@ pub struct Snapshot {
     pub directories: Vec<Arc<DirectoryState>>,
     /// Per shard set, per shard: metric handles.
     pub shard_stats: Vec<Vec<ShardStats>>,
+    /// Per listener, per route: the route's rate limiter, if it has one.
+    pub rate_limiters: Vec<Vec<Option<RateLimiter>>>,
     pub generation: u64,
 }
 
@@ -130,12 +133,24 @@ impl Snapshot {
                     .collect()
             })
             .collect();
+        let rate_limiters = config
+            .listeners
+            .iter()
+            .map(|l| match &l.kind {
+                ListenerKind::Http { routes, .. } => routes
+                    .iter()
+                    .map(|r| r.rate_limit.as_ref().map(|p| RateLimiter::new(p.per_second, p.burst, p.max_keys)))
+                    .collect(),
+                ListenerKind::Tcp { .. } => Vec::new(),
+            })
+            .collect();
         Snapshot {
             config,
             clusters,
             listeners,
             directories,
             shard_stats,
+            rate_limiters,
             generation,
         }
     }

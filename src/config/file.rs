@@ -96,6 +96,16 @@ pub struct FileRoute {
     pub response_headers: Option<FileHeaderOps>,
     #[serde(default)]
     pub timeout: Option<S<String>>,
+    #[serde(default)]
+    pub per_try_timeout: Option<S<String>>,
+    #[serde(default)]
+    pub retry: Option<S<FileRetry>>,
+    #[serde(default)]
+    pub hedge: Option<S<FileHedge>>,
+    #[serde(default)]
+    pub rate_limit: Option<S<FileRateLimit>>,
+    #[serde(default)]
+    pub fallback: Option<S<FileFallback>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +186,104 @@ pub struct FileCluster {
     pub dns_refresh: Option<S<String>>,
     #[serde(default)]
     pub health_check: Option<FileHealthCheck>,
+    #[serde(default)]
+    pub retry: Option<S<FileRetry>>,
+    #[serde(default)]
+    pub breaker: Option<S<FileBreaker>>,
+    #[serde(default)]
+    pub outlier_detection: Option<S<FileOutlier>>,
+    #[serde(default)]
+    pub max_requests: Option<S<u64>>,
+    #[serde(default)]
+    pub max_pending: Option<S<u64>>,
+    #[serde(default)]
+    pub per_try_timeout: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetry {
+    #[serde(default)]
+    pub attempts: Option<S<u32>>,
+    /// `connect-failure`, `reset`, `timeout`, and status codes such as `503`.
+    #[serde(default)]
+    pub on: Option<Vec<S<String>>>,
+    /// gRPC status codes by number or name (`unavailable`, `resource-exhausted`...).
+    #[serde(default)]
+    pub grpc: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub backoff_base: Option<S<String>>,
+    #[serde(default)]
+    pub backoff_max: Option<S<String>>,
+    #[serde(default)]
+    pub budget_ratio: Option<S<f64>>,
+    #[serde(default)]
+    pub budget_min_per_second: Option<S<u32>>,
+    #[serde(default)]
+    pub idempotency_header: Option<S<String>>,
+    #[serde(default)]
+    pub max_body: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBreaker {
+    #[serde(default)]
+    pub consecutive_failures: Option<S<u32>>,
+    #[serde(default)]
+    pub failure_rate: Option<S<f64>>,
+    #[serde(default)]
+    pub window: Option<S<String>>,
+    #[serde(default)]
+    pub min_requests: Option<S<u32>>,
+    #[serde(default)]
+    pub open_for: Option<S<String>>,
+    #[serde(default)]
+    pub max_open_for: Option<S<String>>,
+    #[serde(default)]
+    pub half_open_probes: Option<S<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOutlier {
+    #[serde(default)]
+    pub consecutive_errors: Option<S<u32>>,
+    #[serde(default)]
+    pub base_ejection: Option<S<String>>,
+    #[serde(default)]
+    pub max_ejection: Option<S<String>>,
+    #[serde(default)]
+    pub max_ejected_percent: Option<S<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHedge {
+    pub delay: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    pub requests_per_second: S<f64>,
+    #[serde(default)]
+    pub burst: Option<S<u32>>,
+    #[serde(default)]
+    pub per: Option<S<FileHashOn>>,
+    #[serde(default)]
+    pub max_keys: Option<S<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFallback {
+    #[serde(default)]
+    pub status: Option<S<u16>>,
+    #[serde(default)]
+    pub body: Option<S<String>>,
+    #[serde(default)]
+    pub content_type: Option<S<String>>,
 }
 
 /// Where the consistent-hash key comes from: exactly one field.

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+pub use crate::resilience::{BreakerPolicy, RetryPolicy};
+
 pub use duration::{format_duration, parse_duration};
 
 /// Default admin listener address (a DESIGN.md contract).
@@ -137,6 +139,14 @@ pub struct Route {
     pub destination: Destination,
     /// The batch form of a shard-set route (scatter-gather).
     pub batch: Option<Batch>,
+    /// Overrides the cluster's retry policy.
+    pub retry: Option<RetryPolicy>,
+    /// Overrides the cluster's per-try timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// Hedging: after this delay, a second try to another endpoint (idempotent requests).
+    pub hedge: Option<Duration>,
+    pub rate_limit: Option<RateLimit>,
+    pub fallback: Option<Fallback>,
 }
 
 /// Where a matched request goes. Splits join as a further variant.
@@ -391,6 +401,60 @@ pub struct Cluster {
     pub max_idle_per_endpoint: usize,
     pub dns_refresh: Duration,
     pub health_check: Option<HealthCheck>,
+    /// Retries of requests to this cluster (routes may override).
+    pub retry: RetryPolicy,
+    /// The cluster's circuit breaker (off unless configured).
+    pub breaker: Option<BreakerPolicy>,
+    /// Per-endpoint breakers: endpoints that keep failing leave the balancer for a while.
+    pub outlier: Option<Outlier>,
+    /// At most this many requests in flight (`None`: no limit)...
+    pub max_requests: Option<usize>,
+    /// ...and this many waiting for a slot; more get 503 `overloaded`.
+    pub max_pending: usize,
+    /// Time allowed for one try (the route's timeout bounds all tries together).
+    pub per_try_timeout: Option<Duration>,
+}
+
+/// Outlier ejection: per-endpoint breakers, bounded so that most endpoints stay in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outlier {
+    pub breaker: BreakerPolicy,
+    /// When more than this share of endpoints is ejected, ejection is ignored (panic mode).
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            breaker: BreakerPolicy {
+                consecutive_failures: 5,
+                failure_rate_permille: 0,
+                open_for: Duration::from_secs(5),
+                max_open_for: Duration::from_secs(60),
+                half_open_probes: 1,
+                ..BreakerPolicy::default()
+            },
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// A route's local rate limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+    /// Per key (one bucket each, at most `max_keys`), or one bucket for the route.
+    pub per: Option<HashOn>,
+    pub max_keys: usize,
+}
+
+/// A static answer for when the route's destination cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    pub status: http::StatusCode,
+    pub body: bytes::Bytes,
+    pub content_type: HeaderValue,
 }
 
 impl Cluster {

@@ -520,6 +520,32 @@ fn route(
         timeout,
         destination: destination?,
         batch,
+        retry: r
+            .retry
+            .as_ref()
+            .map(|p| retry_policy(ctx, p, &format!("{field}.retry"), &RetryPolicy::default())),
+        per_try_timeout: r.per_try_timeout.as_ref().map(|_| {
+            ctx.duration(
+                &r.per_try_timeout,
+                format!("{field}.per_try_timeout"),
+                timeout,
+            )
+        }),
+        hedge: r.hedge.as_ref().map(|h| {
+            ctx.duration(
+                &Some(h.value.delay.clone()),
+                format!("{field}.hedge.delay"),
+                timeout,
+            )
+        }),
+        rate_limit: r
+            .rate_limit
+            .as_ref()
+            .and_then(|l| rate_limit(ctx, l, &format!("{field}.rate_limit"))),
+        fallback: r
+            .fallback
+            .as_ref()
+            .and_then(|f| fallback(ctx, f, &format!("{field}.fallback"))),
     })
 }
 
@@ -853,6 +879,39 @@ fn cluster(ctx: &mut Ctx, name: &str, c: &FileCluster) -> Cluster {
             unhealthy_threshold,
         }
     });
+    let retry = c
+        .retry
+        .as_ref()
+        .map(|r| retry_policy(ctx, r, &format!("{field}.retry"), &RetryPolicy::default()))
+        .unwrap_or_default();
+    let breaker = c
+        .breaker
+        .as_ref()
+        .map(|b| breaker_policy(ctx, b, &format!("{field}.breaker")));
+    let outlier = match &c.outlier_detection {
+        Some(o) => Some(outlier(ctx, o, &format!("{field}.outlier_detection"))),
+        None => Some(Outlier::default()),
+    };
+    let max_requests = match &c.max_requests {
+        Some(m) if m.value == 0 => {
+            ctx.err(m, format!("{field}.max_requests"), "at least 1");
+            None
+        }
+        Some(m) => Some(m.value as usize),
+        None => None,
+    };
+    let max_pending = c
+        .max_pending
+        .as_ref()
+        .map(|m| m.value as usize)
+        .unwrap_or(1024);
+    let per_try_timeout = c.per_try_timeout.as_ref().map(|_| {
+        ctx.duration(
+            &c.per_try_timeout,
+            format!("{field}.per_try_timeout"),
+            timeout,
+        )
+    });
     Cluster {
         name: name.to_owned(),
         endpoints,
@@ -864,6 +923,12 @@ fn cluster(ctx: &mut Ctx, name: &str, c: &FileCluster) -> Cluster {
         max_idle_per_endpoint,
         dns_refresh,
         health_check,
+        retry,
+        breaker,
+        outlier,
+        max_requests,
+        max_pending,
+        per_try_timeout,
     }
 }
 
@@ -1395,5 +1460,274 @@ fn batch(ctx: &mut Ctx, b: &S<FileBatch>, field: &str) -> Option<Batch> {
             .as_ref()
             .map(|m| m.value as usize)
             .unwrap_or(4 << 20),
+    })
+}
+
+fn retry_policy(ctx: &mut Ctx, r: &S<FileRetry>, field: &str, base: &RetryPolicy) -> RetryPolicy {
+    let v = &r.value;
+    let mut p = base.clone();
+    if let Some(a) = &v.attempts {
+        if a.value == 0 || a.value > 10 {
+            ctx.err(
+                a,
+                format!("{field}.attempts"),
+                "between 1 (no retries) and 10 tries",
+            );
+        } else {
+            p.attempts = a.value;
+        }
+    }
+    if let Some(on) = &v.on {
+        p.on_connect_failure = false;
+        p.on_reset = false;
+        p.on_timeout = false;
+        p.statuses.clear();
+        for (i, o) in on.iter().enumerate() {
+            match o.value.as_str() {
+                "connect-failure" => p.on_connect_failure = true,
+                "reset" => p.on_reset = true,
+                "timeout" => p.on_timeout = true,
+                "5xx" => p.statuses.extend(500..600),
+                s => match s.parse::<u16>() {
+                    Ok(code) if (100..600).contains(&code) => p.statuses.push(code),
+                    _ => ctx.err(
+                        o,
+                        format!("{field}.on[{i}]"),
+                        format!("`{s}`: use connect-failure, reset, timeout, 5xx or a status code"),
+                    ),
+                },
+            }
+        }
+    }
+    if let Some(codes) = &v.grpc {
+        p.grpc.clear();
+        for (i, g) in codes.iter().enumerate() {
+            match grpc_code(&g.value) {
+                Some(c) => p.grpc.push(c),
+                None => ctx.err(
+                    g,
+                    format!("{field}.grpc[{i}]"),
+                    format!("`{}` is not a gRPC status", g.value),
+                ),
+            }
+        }
+    }
+    p.backoff_base = ctx.duration(
+        &v.backoff_base,
+        format!("{field}.backoff_base"),
+        p.backoff_base,
+    );
+    p.backoff_max = ctx.duration(
+        &v.backoff_max,
+        format!("{field}.backoff_max"),
+        p.backoff_max,
+    );
+    if let Some(b) = &v.budget_ratio {
+        if !(0.0..=1.0).contains(&b.value) {
+            ctx.err(
+                b,
+                format!("{field}.budget_ratio"),
+                "a ratio between 0 and 1, e.g. 0.2",
+            );
+        } else {
+            p.budget_permille = (b.value * 1000.0).round() as u32;
+        }
+    }
+    if let Some(m) = &v.budget_min_per_second {
+        p.budget_min_per_second = m.value;
+    }
+    if let Some(h) = &v.idempotency_header {
+        match HeaderName::from_bytes(h.value.to_ascii_lowercase().as_bytes()) {
+            Ok(n) => p.idempotency_header = n,
+            Err(_) => ctx.err(
+                h,
+                format!("{field}.idempotency_header"),
+                "not a header name",
+            ),
+        }
+    }
+    if let Some(m) = &v.max_body {
+        p.max_body = m.value as usize;
+    }
+    p
+}
+
+fn grpc_code(s: &str) -> Option<u32> {
+    const NAMES: [&str; 17] = [
+        "ok",
+        "cancelled",
+        "unknown",
+        "invalid-argument",
+        "deadline-exceeded",
+        "not-found",
+        "already-exists",
+        "permission-denied",
+        "resource-exhausted",
+        "failed-precondition",
+        "aborted",
+        "out-of-range",
+        "unimplemented",
+        "internal",
+        "unavailable",
+        "data-loss",
+        "unauthenticated",
+    ];
+    s.parse::<u32>().ok().filter(|c| *c < 17).or_else(|| {
+        NAMES
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(&s.replace('_', "-")))
+            .map(|i| i as u32)
+    })
+}
+
+fn breaker_policy(ctx: &mut Ctx, b: &S<FileBreaker>, field: &str) -> BreakerPolicy {
+    let v = &b.value;
+    let d = BreakerPolicy::default();
+    let rate = match &v.failure_rate {
+        Some(r) if !(0.0..=1.0).contains(&r.value) => {
+            ctx.err(
+                r,
+                format!("{field}.failure_rate"),
+                "a ratio between 0 and 1 (0: off)",
+            );
+            d.failure_rate_permille
+        }
+        Some(r) => (r.value * 1000.0).round() as u32,
+        None => d.failure_rate_permille,
+    };
+    let probes = match &v.half_open_probes {
+        Some(p) if p.value == 0 => {
+            ctx.err(p, format!("{field}.half_open_probes"), "at least 1");
+            1
+        }
+        Some(p) => p.value,
+        None => d.half_open_probes,
+    };
+    let p = BreakerPolicy {
+        consecutive_failures: v
+            .consecutive_failures
+            .as_ref()
+            .map(|c| c.value)
+            .unwrap_or(d.consecutive_failures),
+        failure_rate_permille: rate,
+        window: ctx.duration(&v.window, format!("{field}.window"), d.window),
+        min_requests: v
+            .min_requests
+            .as_ref()
+            .map(|m| m.value)
+            .unwrap_or(d.min_requests),
+        open_for: ctx.duration(&v.open_for, format!("{field}.open_for"), d.open_for),
+        max_open_for: ctx.duration(
+            &v.max_open_for,
+            format!("{field}.max_open_for"),
+            d.max_open_for,
+        ),
+        half_open_probes: probes,
+    };
+    if p.consecutive_failures == 0 && p.failure_rate_permille == 0 {
+        ctx.err(
+            b,
+            field,
+            "the breaker can never trip: set consecutive_failures or failure_rate",
+        );
+    }
+    p
+}
+
+fn outlier(ctx: &mut Ctx, o: &S<FileOutlier>, field: &str) -> Outlier {
+    let v = &o.value;
+    let d = Outlier::default();
+    let pct = match &v.max_ejected_percent {
+        Some(p) if p.value > 100 => {
+            ctx.err(
+                p,
+                format!("{field}.max_ejected_percent"),
+                "a percentage, 0 to 100",
+            );
+            d.max_ejected_percent
+        }
+        Some(p) => p.value,
+        None => d.max_ejected_percent,
+    };
+    Outlier {
+        breaker: BreakerPolicy {
+            consecutive_failures: v
+                .consecutive_errors
+                .as_ref()
+                .map(|c| c.value.max(1))
+                .unwrap_or(d.breaker.consecutive_failures),
+            open_for: ctx.duration(
+                &v.base_ejection,
+                format!("{field}.base_ejection"),
+                d.breaker.open_for,
+            ),
+            max_open_for: ctx.duration(
+                &v.max_ejection,
+                format!("{field}.max_ejection"),
+                d.breaker.max_open_for,
+            ),
+            ..d.breaker
+        },
+        max_ejected_percent: pct,
+    }
+}
+
+fn rate_limit(ctx: &mut Ctx, r: &S<FileRateLimit>, field: &str) -> Option<RateLimit> {
+    let v = &r.value;
+    if !(v.requests_per_second.value > 0.0) {
+        ctx.err(
+            &v.requests_per_second,
+            format!("{field}.requests_per_second"),
+            "must be more than 0",
+        );
+        return None;
+    }
+    let per = v
+        .per
+        .as_ref()
+        .and_then(|p| hash_on(ctx, p, &format!("{field}.per")));
+    Some(RateLimit {
+        per_second: v.requests_per_second.value,
+        burst: v
+            .burst
+            .as_ref()
+            .map(|b| b.value.max(1))
+            .unwrap_or_else(|| v.requests_per_second.value.ceil() as u32),
+        per,
+        max_keys: v
+            .max_keys
+            .as_ref()
+            .map(|m| m.value as usize)
+            .unwrap_or(10_000),
+    })
+}
+
+fn fallback(ctx: &mut Ctx, f: &S<FileFallback>, field: &str) -> Option<Fallback> {
+    let v = &f.value;
+    let status = match &v.status {
+        None => http::StatusCode::OK,
+        Some(s) => match http::StatusCode::from_u16(s.value) {
+            Ok(st) => st,
+            Err(_) => {
+                ctx.err(s, format!("{field}.status"), "not an HTTP status");
+                return None;
+            }
+        },
+    };
+    let content_type = v
+        .content_type
+        .as_ref()
+        .map(|c| c.value.as_str())
+        .unwrap_or("application/json");
+    let Ok(content_type) = HeaderValue::from_str(content_type) else {
+        if let Some(c) = &v.content_type {
+            ctx.err(c, format!("{field}.content_type"), "not a header value");
+        }
+        return None;
+    };
+    Some(Fallback {
+        status,
+        body: bytes::Bytes::from(v.body.as_ref().map(|b| b.value.clone()).unwrap_or_default()),
+        content_type,
     })
 }

@@ -45,6 +45,8 @@ pub struct LogRecord<'a> {
     pub bytes: u64,
     pub duration_ms: f64,
     pub reason: Option<&'a str>,
+    /// Tries sent upstream: more than 1 when retried or hedged.
+    pub attempts: u32,
 }
 
 impl AccessLog {

@@ -121,6 +121,14 @@ pub struct ClusterStats {
     pub responses: [Counter; 5],
     pub latency: Histogram,
     pub active: Gauge,
+    pub retries: Counter,
+    pub budget_exhausted: Counter,
+    pub overloaded: Counter,
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Gauge,
+    pub breaker_transitions: Counter,
+    pub ejections: Counter,
+    pub hedges: Counter,
 }
 
 /// Per-listener handles.
@@ -176,6 +184,14 @@ pub struct Metrics {
     shard_latency: Family<Labels, Histogram>,
     residency_denials: Family<Labels, Counter>,
     partial_responses: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    budget_exhausted: Family<Labels, Counter>,
+    overloaded: Family<Labels, Counter>,
+    breaker_state: Family<Labels, Gauge>,
+    breaker_transitions: Family<Labels, Counter>,
+    ejections: Family<Labels, Counter>,
+    hedges: Family<Labels, Counter>,
+    rate_limited: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -219,6 +235,14 @@ impl Metrics {
             shard_latency: Family::default(),
             residency_denials: Family::default(),
             partial_responses: Family::default(),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+            overloaded: Family::default(),
+            breaker_state: Family::default(),
+            breaker_transitions: Family::default(),
+            ejections: Family::default(),
+            hedges: Family::default(),
+            rate_limited: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -336,6 +360,38 @@ impl Metrics {
                 "Scatter-gather answers with missing shards",
                 m.partial_responses.clone(),
             );
+            r.register("retries", "Retries sent to a cluster", m.retries.clone());
+            r.register(
+                "retry_budget_exhausted",
+                "Retries refused because the cluster's retry budget was empty",
+                m.budget_exhausted.clone(),
+            );
+            r.register(
+                "overloaded",
+                "Requests refused by a cluster's concurrency limit",
+                m.overloaded.clone(),
+            );
+            r.register(
+                "breaker_state",
+                "Cluster circuit breaker: 0 closed, 1 open, 2 half-open",
+                m.breaker_state.clone(),
+            );
+            r.register(
+                "breaker_transitions",
+                "Cluster circuit breaker state changes",
+                m.breaker_transitions.clone(),
+            );
+            r.register(
+                "outlier_ejections",
+                "Endpoints ejected by outlier detection",
+                m.ejections.clone(),
+            );
+            r.register("hedges", "Hedged second tries", m.hedges.clone());
+            r.register(
+                "rate_limited",
+                "Requests refused by a route's rate limit",
+                m.rate_limited.clone(),
+            );
         }
         m
     }
@@ -366,6 +422,16 @@ impl Metrics {
             }),
             latency: self.upstream_latency.get_or_create(&labels(&base)).clone(),
             active: self.upstream_active.get_or_create(&labels(&base)).clone(),
+            retries: self.retries.get_or_create(&labels(&base)).clone(),
+            budget_exhausted: self.budget_exhausted.get_or_create(&labels(&base)).clone(),
+            overloaded: self.overloaded.get_or_create(&labels(&base)).clone(),
+            breaker_state: self.breaker_state.get_or_create(&labels(&base)).clone(),
+            breaker_transitions: self
+                .breaker_transitions
+                .get_or_create(&labels(&base))
+                .clone(),
+            ejections: self.ejections.get_or_create(&labels(&base)).clone(),
+            hedges: self.hedges.get_or_create(&labels(&base)).clone(),
         }
     }
 
@@ -422,6 +488,13 @@ impl Metrics {
             .filter(|l| l.starts_with("d_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// Counts a request refused by a rate limit.
+    pub fn rate_limited(&self, listener: &str, route: &str) {
+        self.rate_limited
+            .get_or_create(&labels(&[("listener", listener), ("route", route)]))
+            .inc();
     }
 
     /// Counts a partial scatter-gather answer.

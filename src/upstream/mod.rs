@@ -21,7 +21,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::balance::{self, Candidate};
-use crate::config::{Cluster, EndpointSpec, UpstreamProtocol};
+use crate::config::{Cluster, EndpointSpec, Outlier, UpstreamProtocol};
+use crate::resilience::{Breaker, ConcurrencyLimit, RetryBudget};
 use crate::telemetry::ClusterStats;
 
 pub use health::spawn_background;
@@ -47,10 +48,12 @@ pub struct Endpoint {
     pub requests: AtomicU64,
     /// Requests that failed (connect errors, resets, timeouts).
     pub failures: AtomicU64,
+    /// Outlier ejection: this endpoint's breaker.
+    pub breaker: Option<Breaker>,
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr) -> Arc<Endpoint> {
+    fn new(addr: SocketAddr, outlier: Option<&Outlier>) -> Arc<Endpoint> {
         let authority = Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid"));
         Arc::new(Endpoint {
@@ -63,7 +66,13 @@ impl Endpoint {
             health_failures: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            breaker: outlier.map(|o| Breaker::new(o.breaker.clone())),
         })
+    }
+
+    /// Whether the outlier detector lets traffic through now.
+    pub fn not_ejected(&self) -> bool {
+        self.breaker.as_ref().is_none_or(|b| b.would_admit())
     }
 
     /// Whether health checks currently let it take traffic.
@@ -111,13 +120,28 @@ impl Endpoint {
 
 impl Candidate for Arc<Endpoint> {
     fn available(&self) -> bool {
-        self.healthy()
+        self.healthy() && self.not_ejected()
     }
     fn load(&self) -> u32 {
         self.in_flight()
     }
     fn identity(&self) -> u64 {
         self.identity
+    }
+}
+
+/// An endpoint seen by health alone (outlier ejection ignored).
+struct HealthOnly(Arc<Endpoint>);
+
+impl Candidate for HealthOnly {
+    fn available(&self) -> bool {
+        self.0.healthy()
+    }
+    fn load(&self) -> u32 {
+        self.0.in_flight()
+    }
+    fn identity(&self) -> u64 {
+        self.0.identity
     }
 }
 
@@ -138,6 +162,12 @@ pub struct ClusterState {
     counter: AtomicUsize,
     clients: Vec<Client>,
     pub stats: ClusterStats,
+    /// Retries allowed to this cluster.
+    pub budget: RetryBudget,
+    /// The cluster's circuit breaker, when configured.
+    pub breaker: Option<Breaker>,
+    /// In-flight and pending limits, when configured.
+    pub limit: Option<ConcurrencyLimit>,
 }
 
 impl std::fmt::Debug for ClusterState {
@@ -155,12 +185,20 @@ impl ClusterState {
             .endpoints
             .iter()
             .filter_map(|e| match e {
-                EndpointSpec::Addr(a) => Some(Endpoint::new(*a)),
+                EndpointSpec::Addr(a) => Some(Endpoint::new(*a, config.outlier.as_ref())),
                 EndpointSpec::Dns { .. } => None,
             })
             .collect();
         let clients = (0..workers.max(1)).map(|_| build_client(&config)).collect();
         Arc::new(ClusterState {
+            budget: RetryBudget::new(
+                config.retry.budget_permille,
+                config.retry.budget_min_per_second,
+            ),
+            breaker: config.breaker.clone().map(Breaker::new),
+            limit: config
+                .max_requests
+                .map(|m| ConcurrencyLimit::new(m, config.max_pending)),
             config,
             endpoints: ArcSwap::from_pointee(endpoints),
             counter: AtomicUsize::new(0),
@@ -178,13 +216,26 @@ impl ClusterState {
     pub fn pick(&self, key: Option<u64>, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
         let endpoints = self.endpoints.load();
         let avoid = avoid.and_then(|a| endpoints.iter().position(|e| e.addr == a));
+        // Outlier ejection never takes out more than its share of the cluster: past it, every
+        // healthy endpoint takes traffic again (Envoy's "panic" rule).
+        if let Some(o) = &self.config.outlier {
+            let ejected = endpoints.iter().filter(|e| !e.not_ejected()).count();
+            if ejected > 0 && ejected * 100 > endpoints.len() * o.max_ejected_percent as usize {
+                let healthy: Vec<HealthOnly> =
+                    endpoints.iter().map(|e| HealthOnly(e.clone())).collect();
+                return balance::pick(&self.config.balance, &healthy, &self.counter, key, avoid)
+                    .map(|i| endpoints[i].clone());
+            }
+        }
         balance::pick(&self.config.balance, &endpoints, &self.counter, key, avoid)
             .map(|i| endpoints[i].clone())
     }
 
-    /// Whether any endpoint can take a request now.
+    /// Whether the cluster can take a request now: its breaker would admit one and an
+    /// endpoint is healthy.
     pub fn available(&self) -> bool {
-        self.endpoints.load().iter().any(|e| e.healthy())
+        self.breaker.as_ref().is_none_or(|b| b.would_admit())
+            && self.endpoints.load().iter().any(|e| e.healthy())
     }
 
     /// This worker's pooled client.
@@ -220,7 +271,7 @@ impl ClusterState {
                 old.iter()
                     .find(|e| e.addr == a)
                     .cloned()
-                    .unwrap_or_else(|| Endpoint::new(a))
+                    .unwrap_or_else(|| Endpoint::new(a, self.config.outlier.as_ref()))
             })
             .collect();
         self.endpoints.store(Arc::new(next));
@@ -244,6 +295,8 @@ impl ClusterState {
                     "in_flight": e.in_flight(),
                     "requests": e.requests.load(Ordering::Relaxed),
                     "failures": e.failures.load(Ordering::Relaxed),
+                    "ejected": !e.not_ejected(),
+                    "breaker": e.breaker.as_ref().map(|b| b.status_json()),
                 })
             })
             .collect();
@@ -253,6 +306,9 @@ impl ClusterState {
             "balance": self.config.balance.name(),
             "healthy_endpoints": healthy,
             "endpoints": endpoints,
+            "breaker": self.breaker.as_ref().map(|b| b.status_json()),
+            "retry_budget_exhausted": self.budget.exhausted.load(Ordering::Relaxed),
+            "pending": self.limit.as_ref().map(|l| l.pending()),
         })
     }
 }
@@ -284,7 +340,7 @@ mod tests {
 
     #[test]
     fn health_thresholds() {
-        let e = Endpoint::new("127.0.0.1:1".parse().unwrap());
+        let e = Endpoint::new("127.0.0.1:1".parse().unwrap(), None);
         assert_eq!(e.health_result(false, 2, 3), None);
         assert_eq!(e.health_result(false, 2, 3), None);
         assert_eq!(e.health_result(false, 2, 3), Some(false));
