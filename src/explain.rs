@@ -50,6 +50,8 @@ pub struct ClusterChoice {
     pub endpoint: Option<String>,
     pub hash_key: Option<String>,
     pub connect_timeout: String,
+    /// The retry, breaker, ejection and limit policies that apply, in words.
+    pub policies: Vec<String>,
 }
 
 struct Static {
@@ -190,6 +192,7 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
         endpoint,
         hash_key,
         connect_timeout: format_duration(cluster.connect_timeout),
+        policies: policies(cluster, r),
     });
     if out.outcome.is_empty() {
         out.outcome = "forward".into();
@@ -357,6 +360,97 @@ fn explain_shards(
     c
 }
 
+fn policies(cluster: &crate::config::Cluster, r: &crate::config::Route) -> Vec<String> {
+    let mut out = Vec::new();
+    let retry = r.retry.as_ref().unwrap_or(&cluster.retry);
+    if retry.attempts <= 1 {
+        out.push("retry: off".into());
+    } else {
+        let mut on = Vec::new();
+        if retry.on_connect_failure {
+            on.push("connect-failure (any method)".to_owned());
+        }
+        if retry.on_reset {
+            on.push("reset".into());
+        }
+        if retry.on_timeout {
+            on.push("timeout".into());
+        }
+        if !retry.statuses.is_empty() {
+            let codes: Vec<String> = retry
+                .statuses
+                .iter()
+                .take(6)
+                .map(|s| s.to_string())
+                .collect();
+            on.push(codes.join("/"));
+        }
+        out.push(format!(
+            "retry: {} tries on {}; idempotent methods or `{}`; backoff {}..{} with jitter; budget {}% + {}/s{}",
+            retry.attempts,
+            on.join(", "),
+            retry.idempotency_header,
+            format_duration(retry.backoff_base),
+            format_duration(retry.backoff_max),
+            retry.budget_permille as f64 / 10.0,
+            retry.budget_min_per_second,
+            if r.retry.is_some() { " (route override)" } else { "" }
+        ));
+    }
+    if let Some(t) = r.per_try_timeout.or(cluster.per_try_timeout) {
+        out.push(format!("per-try timeout {}", format_duration(t)));
+    }
+    match &cluster.breaker {
+        Some(b) => out.push(format!(
+            "breaker: opens after {} failures in a row or {}% of ≥{} in {}; open {} (doubling to {}), {} probe(s)",
+            b.consecutive_failures,
+            b.failure_rate_permille as f64 / 10.0,
+            b.min_requests,
+            format_duration(b.window),
+            format_duration(b.open_for),
+            format_duration(b.max_open_for),
+            b.half_open_probes
+        )),
+        None => out.push("breaker: off".into()),
+    }
+    if let Some(o) = &cluster.outlier {
+        out.push(format!(
+            "outlier ejection: after {} errors in a row, {} (growing to {}), at most {}% ejected",
+            o.breaker.consecutive_failures,
+            format_duration(o.breaker.open_for),
+            format_duration(o.breaker.max_open_for),
+            o.max_ejected_percent
+        ));
+    }
+    if let Some(m) = cluster.max_requests {
+        out.push(format!(
+            "limit: {m} in flight, {} pending",
+            cluster.max_pending
+        ));
+    }
+    if let Some(h) = r.hedge {
+        out.push(format!("hedge after {}", format_duration(h)));
+    }
+    if let Some(l) = &r.rate_limit {
+        let per = l
+            .per
+            .as_ref()
+            .map(|p| format!(" per {p}"))
+            .unwrap_or_default();
+        out.push(format!(
+            "rate limit {}/s, burst {}{per}",
+            l.per_second, l.burst
+        ));
+    }
+    if let Some(f) = &r.fallback {
+        out.push(format!(
+            "fallback: {} when the destination cannot serve",
+            f.status
+        ));
+    }
+    out
+}
+
 impl std::fmt::Display for Explanation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut s = String::new();
@@ -456,6 +550,9 @@ impl std::fmt::Display for Explanation {
                 "policies    timeout {t} (response head), connect_timeout {}",
                 c.connect_timeout
             );
+            for p in &c.policies {
+                let _ = writeln!(s, "            {p}");
+            }
         }
         let _ = write!(s, "outcome     {}", self.outcome);
         f.write_str(&s)

@@ -24,8 +24,8 @@ use hyper_util::rt::TokioIo;
 use crate::balance::stable_hash;
 use crate::config::ShardId;
 use crate::config::{Balance, Destination, Forwarded, HashOn, HeaderOps, ListenerKind, Route};
-use crate::resilience::Admit;
 use crate::error::ProxyError;
+use crate::resilience::Admit;
 use crate::route::{self, RequestHead, RouteDecision};
 use crate::shard;
 use crate::state::{Shared, Snapshot};
@@ -103,7 +103,8 @@ fn fallback(snap: &Snapshot, done: &Completion, e: &ProxyError) -> Option<Respon
     let f = routes[route].fallback.as_ref()?;
     let mut resp = Response::new(Full::new(f.body.clone()));
     *resp.status_mut() = f.status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, f.content_type.clone());
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, f.content_type.clone());
     if let Ok(v) = HeaderValue::from_str(e.reason()) {
         resp.headers_mut().insert("x-attache-fallback", v);
     }
@@ -134,8 +135,18 @@ async fn forward(
     })?;
     let route = &routes[decision.route];
     done.route = Some(decision.route);
-    snap.listeners[conn.listener].routes[decision.route].requests.inc();
-    rate_limit(snap, conn.listener, decision.route, route, &head, &decision, &conn)?;
+    snap.listeners[conn.listener].routes[decision.route]
+        .requests
+        .inc();
+    rate_limit(
+        snap,
+        conn.listener,
+        decision.route,
+        route,
+        &head,
+        &decision,
+        &conn,
+    )?;
 
     // Decide the destination: one cluster, or the shards the key is allowed on.
     let plan;
@@ -144,19 +155,35 @@ async fn forward(
         Destination::Shards(set_id) => {
             let set = &snap.config.shard_sets[set_id];
             if let Some(batch) = &route.batch {
-                let resp = shard::scatter::gather(req, snap, set_id, route, batch, forwarded, &conn).await?;
+                let resp =
+                    shard::scatter::gather(req, snap, set_id, route, batch, forwarded, &conn)
+                        .await?;
                 return Ok(resp.map(Either::Right));
             }
-            plan = shard::plan(set, snap.directory_of(set), &head, &decision.captures, route)
-                .await
-                .map_err(|r| ProxyError::from_refusal(r, &set.key.to_string()))?;
+            plan = shard::plan(
+                set,
+                snap.directory_of(set),
+                &head,
+                &decision.captures,
+                route,
+            )
+            .await
+            .map_err(|r| ProxyError::from_refusal(r, &set.key.to_string()))?;
             done.region = plan.region.clone();
-            Targets::Shards { set: set_id, plan: &plan }
+            Targets::Shards {
+                set: set_id,
+                plan: &plan,
+            }
         }
     };
     let keys: Vec<(usize, Option<u64>)> = targets
         .clusters(snap)
-        .map(|c| (c, hash_key(&snap.clusters[c].config.balance, &head, &decision, route)))
+        .map(|c| {
+            (
+                c,
+                hash_key(&snap.clusters[c].config.balance, &head, &decision, route),
+            )
+        })
         .collect();
 
     // Act: tries, retries and failover, within the targets only.
@@ -169,7 +196,10 @@ async fn forward(
 enum Targets<'p> {
     Cluster(usize),
     /// The allowed shards of a set, in order: the residency guarantee.
-    Shards { set: usize, plan: &'p shard::Plan },
+    Shards {
+        set: usize,
+        plan: &'p shard::Plan,
+    },
 }
 
 impl Targets<'_> {
@@ -182,8 +212,10 @@ impl Targets<'_> {
             Targets::Shards { set, .. } => Some(&snap.config.shard_sets[*set]),
             Targets::Cluster(_) => None,
         };
-        one.into_iter()
-            .chain(many.iter().filter_map(move |&id| set.map(|s| s.shards[id].cluster)))
+        one.into_iter().chain(
+            many.iter()
+                .filter_map(move |&id| set.map(|s| s.shards[id].cluster)),
+        )
     }
 }
 
@@ -197,7 +229,10 @@ fn rate_limit(
     decision: &RouteDecision,
     conn: &ConnCtx,
 ) -> Result<(), ProxyError> {
-    let (Some(limiter), Some(policy)) = (&snap.rate_limiters[listener][route_index], &route.rate_limit) else {
+    let (Some(limiter), Some(policy)) = (
+        &snap.rate_limiters[listener][route_index],
+        &route.rate_limit,
+    ) else {
         return Ok(());
     };
     let key: Option<std::borrow::Cow<'_, str>> = match &policy.per {
@@ -214,7 +249,11 @@ fn rate_limit(
         },
     };
     // A keyed limit with no key in the request shares one bucket ("" key).
-    let key = if policy.per.is_some() { Some(key.unwrap_or_default()) } else { None };
+    let key = if policy.per.is_some() {
+        Some(key.unwrap_or_default())
+    } else {
+        None
+    };
     limiter.check(key.as_deref()).map_err(|wait| {
         let listener = &snap.config.listeners[listener].name;
         conn.shared.metrics.rate_limited(listener, &route.name);
@@ -262,7 +301,9 @@ async fn execute(
     let (parts, incoming) = req.into_parts();
     let mut body = if incoming.is_end_stream() {
         TryBody::Replay(Bytes::new())
-    } else if replay_wanted && content_length(&parts.headers).is_some_and(|n| n <= policy.max_body as u64) {
+    } else if replay_wanted
+        && content_length(&parts.headers).is_some_and(|n| n <= policy.max_body as u64)
+    {
         let bytes = http_body_util::Limited::new(incoming, policy.max_body)
             .collect()
             .await
@@ -272,8 +313,14 @@ async fn execute(
     } else {
         TryBody::Stream(Some(incoming))
     };
-    let replay_head = (replay_wanted && matches!(body, TryBody::Replay(_)))
-        .then(|| (parts.method.clone(), parts.uri.clone(), parts.version, parts.headers.clone()));
+    let replay_head = (replay_wanted && matches!(body, TryBody::Replay(_))).then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        )
+    });
     let mut original = Some(parts);
 
     let mut attempt_no = 0u32;
@@ -307,17 +354,24 @@ async fn execute(
             Some(b) => b.admit(),
         };
         if admit == Admit::No {
-            let e = ProxyError::CircuitOpen { cluster: cluster.config.name.clone() };
+            let e = ProxyError::CircuitOpen {
+                cluster: cluster.config.name.clone(),
+            };
             return Err(finish_error(e, targets, snap, conn));
         }
         let _slot = match &cluster.limit {
             None => None,
-            Some(l) => match l.acquire(deadline.saturating_duration_since(Instant::now())).await {
+            Some(l) => match l
+                .acquire(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 Ok(p) => Some(p),
                 Err(_) => {
                     cluster.stats.overloaded.inc();
                     release_probe(cluster, admit);
-                    let e = ProxyError::Overloaded { cluster: cluster.config.name.clone() };
+                    let e = ProxyError::Overloaded {
+                        cluster: cluster.config.name.clone(),
+                    };
                     return Err(finish_error(e, targets, snap, conn));
                 }
             },
@@ -329,7 +383,9 @@ async fn execute(
                 Some(b) => Request::from_parts(p, Either::Left(b)),
                 None => Request::from_parts(p, Either::Right(Full::new(Bytes::new()))),
             },
-            (Some(p), TryBody::Replay(b)) => Request::from_parts(p, Either::Right(Full::new(b.clone()))),
+            (Some(p), TryBody::Replay(b)) => {
+                Request::from_parts(p, Either::Right(Full::new(b.clone())))
+            }
             (None, TryBody::Replay(b)) => match &replay_head {
                 Some(h) => rebuild(h, b.clone()),
                 None => unreachable_retry()?,
@@ -338,7 +394,9 @@ async fn execute(
         };
         let Some(endpoint) = cluster.pick(key, avoid) else {
             release_probe(cluster, admit);
-            let e = ProxyError::NoHealthyEndpoint { cluster: cluster.config.name.clone() };
+            let e = ProxyError::NoHealthyEndpoint {
+                cluster: cluster.config.name.clone(),
+            };
             return Err(finish_error(e, targets, snap, conn));
         };
         let try_timeout = per_try.min(deadline.saturating_duration_since(Instant::now()));
@@ -348,7 +406,19 @@ async fn execute(
             }
             _ => None,
         };
-        let sent = send_hedged(req, hedge, snap, cluster_id, key, &endpoint, route, forwarded, conn, try_timeout).await;
+        let sent = send_hedged(
+            req,
+            hedge,
+            snap,
+            cluster_id,
+            key,
+            &endpoint,
+            route,
+            forwarded,
+            conn,
+            try_timeout,
+        )
+        .await;
         let stats = shard_id.and_then(|id| match targets {
             Targets::Shards { set, .. } => Some(&snap.shard_stats[set][id]),
             Targets::Cluster(_) => None,
@@ -391,8 +461,11 @@ async fn execute(
                 cluster.stats.retries.inc();
                 avoid = Some(sent.endpoint.addr);
                 // A shard that cannot be reached gives way to the next allowed one, if any.
-                if let (Targets::Shards { plan, .. }, Some(id), crate::resilience::Outcome::ConnectFailed) =
-                    (targets, shard_id, sent.outcome)
+                if let (
+                    Targets::Shards { plan, .. },
+                    Some(id),
+                    crate::resilience::Outcome::ConnectFailed,
+                ) = (targets, shard_id, sent.outcome)
                 {
                     if plan.allowed.len() > tried_shards.len() + 1 {
                         tried_shards.push(id);
@@ -407,7 +480,9 @@ async fn execute(
 
 fn unreachable_retry<T>() -> Result<T, ProxyError> {
     // The loop only comes round again with a replayable body.
-    Err(ProxyError::BadRequest("the request body cannot be sent twice".into()))
+    Err(ProxyError::BadRequest(
+        "the request body cannot be sent twice".into(),
+    ))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -425,20 +500,37 @@ fn release_probe(cluster: &crate::upstream::ClusterState, admit: Admit) {
 }
 
 /// Records a try's result on the endpoint's and the cluster's breakers, and their metrics.
-fn record_breakers(cluster: &crate::upstream::ClusterState, endpoint: &Endpoint, admit: Admit, success: bool) {
+fn record_breakers(
+    cluster: &crate::upstream::ClusterState,
+    endpoint: &Endpoint,
+    admit: Admit,
+    success: bool,
+) {
     if let Some(b) = &endpoint.breaker {
         let before = b.state();
-        b.record(if before == crate::resilience::breaker::State::HalfOpen { Admit::Probe } else { Admit::Yes }, success);
-        if before != crate::resilience::breaker::State::Open && b.state() == crate::resilience::breaker::State::Open {
+        b.record(
+            if before == crate::resilience::breaker::State::HalfOpen {
+                Admit::Probe
+            } else {
+                Admit::Yes
+            },
+            success,
+        );
+        if before != crate::resilience::breaker::State::Open
+            && b.state() == crate::resilience::breaker::State::Open
+        {
             cluster.stats.ejections.inc();
             tracing::warn!(cluster = %cluster.config.name, endpoint = %endpoint.addr, "endpoint ejected");
         }
     }
     if let Some(b) = &cluster.breaker {
-        let before = b.transitions.load(std::sync::atomic::Ordering::Relaxed);
         b.record(admit, success);
+        // Transitions also happen in `admit` (open → half-open): report every one since last.
         let after = b.transitions.load(std::sync::atomic::Ordering::Relaxed);
-        if after != before {
+        let before = cluster
+            .breaker_reported
+            .swap(after, std::sync::atomic::Ordering::Relaxed);
+        if after > before {
             cluster.stats.breaker_transitions.inc_by(after - before);
             cluster.stats.breaker_state.set(b.state().as_gauge());
             tracing::warn!(cluster = %cluster.config.name, state = ?b.state(), "circuit breaker changed");
@@ -448,7 +540,12 @@ fn record_breakers(cluster: &crate::upstream::ClusterState, endpoint: &Endpoint,
 
 /// Maps an error at the end of a shard-routed request: when no allowed shard could be reached,
 /// the answer is `residency-unavailable` (or `shard-unavailable`), never another shard.
-fn finish_error(e: ProxyError, targets: Targets<'_>, snap: &Snapshot, conn: &ConnCtx) -> ProxyError {
+fn finish_error(
+    e: ProxyError,
+    targets: Targets<'_>,
+    snap: &Snapshot,
+    conn: &ConnCtx,
+) -> ProxyError {
     match targets {
         Targets::Shards { set, plan }
             if matches!(
@@ -498,7 +595,16 @@ async fn send_hedged(
     conn: &ConnCtx,
     timeout: std::time::Duration,
 ) -> Sent {
-    let primary = send_one(req, snap, cluster_id, endpoint.clone(), route, forwarded, conn, timeout);
+    let primary = send_one(
+        req,
+        snap,
+        cluster_id,
+        endpoint.clone(),
+        route,
+        forwarded,
+        conn,
+        timeout,
+    );
     let Some((delay, second)) = hedge else {
         return primary.await;
     };
@@ -508,15 +614,21 @@ async fn send_hedged(
         _ = tokio::time::sleep(delay) => {}
     }
     let cluster = &snap.clusters[cluster_id];
-    let other = cluster.pick(key, Some(endpoint.addr)).filter(|e| e.addr != endpoint.addr);
-    let Some(other) = other else { return primary.await };
+    let other = cluster
+        .pick(key, Some(endpoint.addr))
+        .filter(|e| e.addr != endpoint.addr);
+    let Some(other) = other else {
+        return primary.await;
+    };
     if !cluster.budget.withdraw() {
         cluster.stats.budget_exhausted.inc();
         return primary.await;
     }
     cluster.stats.hedges.inc();
     let remaining = timeout.saturating_sub(delay);
-    let secondary = send_one(second, snap, cluster_id, other, route, forwarded, conn, remaining);
+    let secondary = send_one(
+        second, snap, cluster_id, other, route, forwarded, conn, remaining,
+    );
     tokio::pin!(secondary);
     tokio::select! {
         sent = &mut primary => if sent.outcome_failed() { secondary.await } else { sent },
@@ -539,12 +651,22 @@ async fn send_one(
     use crate::resilience::Outcome;
     let cluster = &snap.clusters[cluster_id];
     let in_flight = endpoint.start_request();
-    let client_upgrade = match prepare_request(&mut req, route, forwarded, conn, &endpoint, cluster.config.protocol) {
+    let client_upgrade = match prepare_request(
+        &mut req,
+        route,
+        forwarded,
+        conn,
+        &endpoint,
+        cluster.config.protocol,
+    ) {
         Ok(u) => u,
         Err(e) => {
             return Sent {
                 result: Err(e),
-                outcome: Outcome::Response { status: StatusCode::BAD_REQUEST, grpc: None },
+                outcome: Outcome::Response {
+                    status: StatusCode::BAD_REQUEST,
+                    grpc: None,
+                },
                 endpoint,
                 in_flight,
             }
@@ -579,11 +701,19 @@ async fn send_one(
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            let outcome = Outcome::Response { status: resp.status(), grpc };
+            let outcome = Outcome::Response {
+                status: resp.status(),
+                grpc,
+            };
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(client_upgrade) = client_upgrade {
                     tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
-                    return Sent { result: Ok(resp), outcome, endpoint, in_flight };
+                    return Sent {
+                        result: Ok(resp),
+                        outcome,
+                        endpoint,
+                        in_flight,
+                    };
                 }
             }
             strip_hop_by_hop(resp.headers_mut(), false);
@@ -592,9 +722,16 @@ async fn send_one(
         }
     };
     if result.is_err() {
-        endpoint.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        endpoint
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    Sent { result, outcome, endpoint, in_flight }
+    Sent {
+        result,
+        outcome,
+        endpoint,
+        in_flight,
+    }
 }
 
 /// The answer when no allowed shard can serve: fast, and never another shard.
@@ -606,7 +743,11 @@ fn shard_unavailable(
     conn: &ConnCtx,
 ) -> ProxyError {
     let set = &snap.config.shard_sets[set_id];
-    let names: Vec<&str> = plan.allowed.iter().map(|&i| set.shards[i].name.as_str()).collect();
+    let names: Vec<&str> = plan
+        .allowed
+        .iter()
+        .map(|&i| set.shards[i].name.as_str())
+        .collect();
     let detail = match last_error {
         Some(e) => e.to_string(),
         None => "no healthy endpoint, or its circuit is open".to_owned(),
@@ -654,13 +795,27 @@ pub(crate) async fn attempt(
         Some(b) => b.admit(),
     };
     if admit == Admit::No {
-        return Err(ProxyError::CircuitOpen { cluster: cluster.config.name.clone() });
+        return Err(ProxyError::CircuitOpen {
+            cluster: cluster.config.name.clone(),
+        });
     }
     let Some(endpoint) = cluster.pick(key, None) else {
         release_probe(cluster, admit);
-        return Err(ProxyError::NoHealthyEndpoint { cluster: cluster.config.name.clone() });
+        return Err(ProxyError::NoHealthyEndpoint {
+            cluster: cluster.config.name.clone(),
+        });
     };
-    let sent = send_one(req, snap, cluster_id, endpoint, route, forwarded, conn, route.timeout).await;
+    let sent = send_one(
+        req,
+        snap,
+        cluster_id,
+        endpoint,
+        route,
+        forwarded,
+        conn,
+        route.timeout,
+    )
+    .await;
     record_breakers(cluster, &sent.endpoint, admit, !sent.outcome_failed());
     *in_flight = Some(sent.in_flight);
     sent.result

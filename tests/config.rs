@@ -188,6 +188,9 @@ fn explain_prints_the_decision() {
     );
     assert!(text.contains("cluster     backend"), "{text}");
     assert!(text.contains("outcome     forward"), "{text}");
+    assert!(text.contains("retry: 2 tries on connect-failure"), "{text}");
+    assert!(text.contains("budget 20% + 10/s"), "{text}");
+    assert!(text.contains("breaker: off"), "{text}");
     let out = Command::new(support::binary())
         .args(["explain", "--json", "--config"])
         .arg(concat!(

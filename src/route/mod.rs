@@ -133,8 +133,15 @@ impl Mismatch {
     /// Says what did not match, in words, for `attache explain`.
     pub fn describe(&self, m: &RouteMatch) -> String {
         match self {
-            Mismatch::Host => format!("host is not {:?}", m.host),
-            Mismatch::Path => format!("path does not match {:?}", m.path.as_ref().map(path_text)),
+            Mismatch::Host => match &m.host {
+                Some(HostMatch::Exact(h)) => format!("host is not {h}"),
+                Some(HostMatch::Suffix(s)) => format!("host is not *{s}"),
+                None => "host".into(),
+            },
+            Mismatch::Path => format!(
+                "path does not match {}",
+                m.path.as_ref().map(path_text).unwrap_or_default()
+            ),
             Mismatch::Method => format!(
                 "method is not one of {}",
                 m.methods

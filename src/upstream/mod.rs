@@ -168,6 +168,8 @@ pub struct ClusterState {
     pub breaker: Option<Breaker>,
     /// In-flight and pending limits, when configured.
     pub limit: Option<ConcurrencyLimit>,
+    /// Breaker transitions already counted in metrics.
+    pub breaker_reported: AtomicU64,
 }
 
 impl std::fmt::Debug for ClusterState {
@@ -199,6 +201,7 @@ impl ClusterState {
             limit: config
                 .max_requests
                 .map(|m| ConcurrencyLimit::new(m, config.max_pending)),
+            breaker_reported: AtomicU64::new(0),
             config,
             endpoints: ArcSwap::from_pointee(endpoints),
             counter: AtomicUsize::new(0),
