@@ -166,7 +166,8 @@ impl ProxyError {
         let mut resp = error_response(self.status(), self.reason(), &self.to_string());
         if let ProxyError::RateLimited { retry_after_ms } = self {
             let secs = retry_after_ms.div_ceil(1000).max(1);
-            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

@@ -139,7 +139,11 @@ impl Snapshot {
             .map(|l| match &l.kind {
                 ListenerKind::Http { routes, .. } => routes
                     .iter()
-                    .map(|r| r.rate_limit.as_ref().map(|p| RateLimiter::new(p.per_second, p.burst, p.max_keys)))
+                    .map(|r| {
+                        r.rate_limit
+                            .as_ref()
+                            .map(|p| RateLimiter::new(p.per_second, p.burst, p.max_keys))
+                    })
                     .collect(),
                 ListenerKind::Tcp { .. } => Vec::new(),
             })
