@@ -155,18 +155,20 @@ async fn forward(
         Destination::Shards(set_id) => {
             let set = &snap.config.shard_sets[set_id];
             if let Some(batch) = &route.batch {
-                let resp =
-                    shard::scatter::gather(req, snap, set_id, route, batch, forwarded, &conn)
-                        .await?;
+                // Boxed: a large, rare future that should not size every connection's state.
+                let resp = Box::pin(shard::scatter::gather(
+                    req, snap, set_id, route, batch, forwarded, &conn,
+                ))
+                .await?;
                 return Ok(resp.map(Either::Right));
             }
-            plan = shard::plan(
+            plan = Box::pin(shard::plan(
                 set,
                 snap.directory_of(set),
                 &head,
                 &decision.captures,
                 route,
-            )
+            ))
             .await
             .map_err(|r| ProxyError::from_refusal(r, &set.key.to_string()))?;
             done.region = plan.region.clone();
@@ -176,20 +178,23 @@ async fn forward(
             }
         }
     };
-    let keys: Vec<(usize, Option<u64>)> = targets
-        .clusters(snap)
-        .map(|c| {
-            (
-                c,
-                hash_key(&snap.clusters[c].config.balance, &head, &decision, route),
-            )
-        })
-        .collect();
+    // Consistent-hash keys of the first few target clusters, on the stack.
+    let mut keys = [(usize::MAX, None); MAX_KEYED_TARGETS];
+    for (slot, c) in keys.iter_mut().zip(targets.clusters(snap)) {
+        *slot = (
+            c,
+            hash_key(&snap.clusters[c].config.balance, &head, &decision, route),
+        );
+    }
 
     // Act: tries, retries and failover, within the targets only.
     let resp = execute(req, snap, route, forwarded, &conn, done, targets, &keys).await?;
     Ok(resp.map(Either::Left))
 }
+
+/// Target clusters whose consistent-hash key is computed up front (later failover targets,
+/// rare, balance without a key).
+const MAX_KEYED_TARGETS: usize = 4;
 
 /// Where a request may go.
 #[derive(Clone, Copy)]
@@ -285,7 +290,14 @@ async fn execute(
 ) -> Result<Response<Incoming>, ProxyError> {
     let started = Instant::now();
     let deadline = started + route.timeout;
-    let first_cluster = keys.first().map(|k| k.0).unwrap_or(0);
+    let first_cluster = match targets {
+        Targets::Cluster(c) => c,
+        Targets::Shards { set, plan } => plan
+            .allowed
+            .first()
+            .map(|&id| snap.config.shard_sets[set].shards[id].cluster)
+            .unwrap_or(0),
+    };
     let cluster_config = &snap.clusters[first_cluster].config;
     let policy = route.retry.as_ref().unwrap_or(&cluster_config.retry);
     let per_try = route
@@ -293,7 +305,7 @@ async fn execute(
         .or(cluster_config.per_try_timeout)
         .unwrap_or(route.timeout);
     let safe = policy.may_retry(req.method(), req.headers());
-    let many_targets = keys.len() > 1;
+    let many_targets = matches!(targets, Targets::Shards { plan, .. } if plan.allowed.len() > 1);
     let replay_wanted = policy.attempts > 1 || route.hedge.is_some() || many_targets;
 
     // The body: an empty one replays for free; a small one of known length is buffered when
@@ -626,10 +638,9 @@ async fn send_hedged(
     }
     cluster.stats.hedges.inc();
     let remaining = timeout.saturating_sub(delay);
-    let secondary = send_one(
+    let mut secondary = Box::pin(send_one(
         second, snap, cluster_id, other, route, forwarded, conn, remaining,
-    );
-    tokio::pin!(secondary);
+    ));
     tokio::select! {
         sent = &mut primary => if sent.outcome_failed() { secondary.await } else { sent },
         sent = &mut secondary => if sent.outcome_failed() { primary.await } else { sent },
