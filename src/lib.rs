@@ -23,6 +23,7 @@
 //! | [`resilience`] | retries with budgets, circuit breakers (outlier ejection), concurrency and rate limits |
 //! | [`state`] | the config snapshot swapped on reload, shared by every worker |
 //! | [`server`] | process lifecycle: workers, signals, reload, drain |
+//! | [`demo`] | `attache demo`: the seed's image-sharing system (feed, users, sharded image store) on one machine, with fault controls |
 //!
 //! # Request path
 //!
@@ -44,6 +45,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod explain;
 pub mod listener;

@@ -1,4 +1,4 @@
-//! The `attache` command: `run`, `check`, `explain`.
+//! The `attache` command: `run`, `check`, `explain`, `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +49,13 @@ enum Command {
         /// The request URL, e.g. http://127.0.0.1:10000/images/priya/1.png
         url: String,
     },
+    /// Run the seed's image-sharing system on this machine: feed, users, two image-store
+    /// shards and attache between them, with fault controls on the admin listener.
+    Demo {
+        /// Once everything is ready, print one JSON line with the URLs (then keep running).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +99,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let server = Server::bind(config, access_log.as_deref())?;
             server.run(std::future::pending())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { json } => {
+            attache::demo::run(json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Explain {

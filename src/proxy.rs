@@ -418,6 +418,7 @@ async fn execute(
             }
             _ => None,
         };
+        let try_started = Instant::now();
         let sent = send_hedged(
             req,
             hedge,
@@ -437,6 +438,7 @@ async fn execute(
         });
         if let Some(st) = stats {
             st.requests.inc();
+            st.latency.observe(try_started.elapsed());
             if sent.outcome_failed() {
                 st.errors.inc();
             }

@@ -1674,7 +1674,8 @@ fn outlier(ctx: &mut Ctx, o: &S<FileOutlier>, field: &str) -> Outlier {
 
 fn rate_limit(ctx: &mut Ctx, r: &S<FileRateLimit>, field: &str) -> Option<RateLimit> {
     let v = &r.value;
-    if !(v.requests_per_second.value > 0.0) {
+    let rps = v.requests_per_second.value;
+    if rps.is_nan() || rps <= 0.0 {
         ctx.err(
             &v.requests_per_second,
             format!("{field}.requests_per_second"),
