@@ -54,7 +54,9 @@ fn request() -> http::Request<()> {
 #[divan::bench]
 fn route_select(bencher: divan::Bencher) {
     let config = config();
-    let ListenerKind::Http { routes, .. } = &config.listeners[0].kind else { unreachable!() };
+    let ListenerKind::Http { routes, .. } = &config.listeners[0].kind else {
+        unreachable!()
+    };
     let req = request();
     bencher.bench_local(|| {
         let head = RequestHead::new(req.method(), req.uri(), req.headers());
@@ -67,17 +69,31 @@ fn route_select(bencher: divan::Bencher) {
 #[divan::bench]
 fn shard_plan_table(bencher: divan::Bencher) {
     let config = config();
-    let ListenerKind::Http { routes, .. } = &config.listeners[0].kind else { unreachable!() };
+    let ListenerKind::Http { routes, .. } = &config.listeners[0].kind else {
+        unreachable!()
+    };
     let metrics = attache::telemetry::Metrics::new();
-    let dir = DirectoryState::new(config.directories[0].clone(), &[], metrics.directory("regions"));
+    let dir = DirectoryState::new(
+        config.directories[0].clone(),
+        &[],
+        metrics.directory("regions"),
+    );
     let set = &config.shard_sets[0];
     let req = request();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     bencher.bench_local(|| {
         let head = RequestHead::new(req.method(), req.uri(), req.headers());
         let d = route::select(routes, &head).unwrap();
         let plan = rt
-            .block_on(shard::plan(set, Some(&dir), &head, &d.captures, &routes[d.route]))
+            .block_on(shard::plan(
+                set,
+                Some(&dir),
+                &head,
+                &d.captures,
+                &routes[d.route],
+            ))
             .unwrap();
         divan::black_box(shard::first_available(&plan.allowed, &[], |_| true))
     });
@@ -95,7 +111,11 @@ fn directory_cache_hit(bencher: divan::Bencher) {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
             let body = "{\"country\":\"IN\"}";
-            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
         }
     });
     let text = format!(
@@ -108,8 +128,15 @@ fn directory_cache_hit(bencher: divan::Bencher) {
         .iter()
         .map(|c| attache::upstream::ClusterState::new(c.clone(), 1, metrics.cluster(&c.name)))
         .collect();
-    let dir = DirectoryState::new(config.directories[0].clone(), &clusters, metrics.directory("lookups"));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = DirectoryState::new(
+        config.directories[0].clone(),
+        &clusters,
+        metrics.directory("lookups"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let warmed = rt.block_on(dir.locate("priya")).unwrap();
     assert_eq!(warmed.value.as_deref(), Some("IN"));
     bencher.bench_local(|| divan::black_box(rt.block_on(dir.locate("priya")).unwrap()));
@@ -120,7 +147,11 @@ fn directory_cache_hit(bencher: divan::Bencher) {
 fn endpoint_pick(bencher: divan::Bencher) {
     let config = config();
     let metrics = attache::telemetry::Metrics::new();
-    let cluster = attache::upstream::ClusterState::new(config.clusters[2].clone(), 1, metrics.cluster("users"));
+    let cluster = attache::upstream::ClusterState::new(
+        config.clusters[2].clone(),
+        1,
+        metrics.cluster("users"),
+    );
     let cluster = Arc::new(cluster);
     bencher.bench_local(|| divan::black_box(cluster.pick(None, None)));
 }
