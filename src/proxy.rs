@@ -288,7 +288,7 @@ async fn execute(
     targets: Targets<'_>,
     keys: &[(usize, Option<u64>)],
 ) -> Result<Response<Incoming>, ProxyError> {
-    let started = Instant::now();
+    let started = done.start;
     let deadline = started + route.timeout;
     let first_cluster = match targets {
         Targets::Cluster(c) => c,
@@ -418,7 +418,7 @@ async fn execute(
             }
             _ => None,
         };
-        let try_started = Instant::now();
+        let try_started = shard_id.map(|_| Instant::now());
         let sent = send_hedged(
             req,
             hedge,
@@ -438,7 +438,9 @@ async fn execute(
         });
         if let Some(st) = stats {
             st.requests.inc();
-            st.latency.observe(try_started.elapsed());
+            if let Some(t) = try_started {
+                st.latency.observe(t.elapsed());
+            }
             if sent.outcome_failed() {
                 st.errors.inc();
             }
@@ -1052,7 +1054,7 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
 pub struct Completion {
     pub(crate) conn: Arc<ConnCtx>,
     snap: Arc<Snapshot>,
-    start: Instant,
+    pub(crate) start: Instant,
     method: Method,
     /// Kept only when the access log is on.
     path: Option<String>,
@@ -1071,12 +1073,13 @@ pub struct Completion {
 
 impl Completion {
     fn new(conn: Arc<ConnCtx>, snap: Arc<Snapshot>, req: &Request<Incoming>) -> Completion {
-        let path = (conn.shared.access_log.enabled() || conn.shared.recent.watched())
+        let start = Instant::now();
+        let path = (conn.shared.access_log.enabled() || conn.shared.recent.watched_at(start))
             .then(|| req.uri().path().to_owned());
         Completion {
             conn,
             snap,
-            start: Instant::now(),
+            start,
             method: req.method().clone(),
             path,
             route: None,
@@ -1102,7 +1105,7 @@ impl Drop for Completion {
             stats.latency.observe(elapsed);
         }
         let recent = &self.conn.shared.recent;
-        if recent.watched() {
+        if recent.watched_at(self.start + elapsed) {
             let route = self.route.and_then(|r| match &listener.kind {
                 ListenerKind::Http { routes, .. } => routes.get(r).map(|r| r.name.clone()),
                 ListenerKind::Tcp { .. } => None,

@@ -175,7 +175,19 @@ impl Breaker {
             }
             return;
         }
-        let (requests, failures) = self.count(success);
+        // The common case, a success with no failure-rate rule, touches one atomic (and writes
+        // it only after a failure).
+        if success && self.policy.failure_rate_permille == 0 {
+            if self.consecutive.load(Ordering::Relaxed) != 0 {
+                self.consecutive.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let (requests, failures) = if self.policy.failure_rate_permille > 0 {
+            self.count(success)
+        } else {
+            (0, 0)
+        };
         if success {
             self.consecutive.store(0, Ordering::Relaxed);
             return;

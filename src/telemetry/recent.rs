@@ -46,7 +46,13 @@ impl Default for RecentRequests {
 impl RecentRequests {
     /// Whether requests should be recorded now.
     pub fn watched(&self) -> bool {
-        (self.epoch.elapsed().as_millis() as u64) < self.watched_until_ms.load(Ordering::Relaxed)
+        self.watched_at(Instant::now())
+    }
+
+    /// [`watched`](Self::watched) with a clock reading the caller already has.
+    pub fn watched_at(&self, now: Instant) -> bool {
+        let until = self.watched_until_ms.load(Ordering::Relaxed);
+        until != 0 && (now.saturating_duration_since(self.epoch).as_millis() as u64) < until
     }
 
     /// Marks that someone is watching (called by `/stats`).
