@@ -759,3 +759,28 @@ async fn sighup_reloads_a_good_config_and_keeps_the_old_on_a_bad_one() {
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_endpoints_are_resolved() {
+    let up = Upstream::named("by-name").await;
+    let yaml = format!(
+        "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes: [ {{ cluster: named }} ]\nclusters:\n  named: {{ endpoints: [\"localhost:{}\"], dns_refresh: 100ms }}\n",
+        up.addr.port()
+    );
+    let at = Attache::start(&yaml);
+    let clusters = get(&at.admin_url("/clusters")).await.json();
+    let addrs: Vec<String> = clusters["clusters"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        addrs.contains(&up.addr.to_string()),
+        "localhost resolved to {addrs:?}"
+    );
+    // If localhost also names ::1 (where nothing listens), the connect-failure retry moves on.
+    for _ in 0..5 {
+        assert_eq!(get(&at.url("main", "/")).await.text(), "by-name");
+    }
+}
