@@ -25,7 +25,21 @@ async fn shard(name: &'static str) -> Upstream {
         if path == "/health" {
             return text(200, "ok");
         }
-        let owners: Vec<String> = if path == "/images" {
+        let owners: Vec<String> = if path == "/images" && req.method() == http::Method::POST {
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            v["users"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|u| u.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else if path == "/images" {
             let q = req.uri().query().unwrap_or("");
             attache::route::query_param(q, "users")
                 .map(|v| v.split(',').map(str::to_owned).collect())
@@ -674,4 +688,86 @@ shard_sets:
         "{text}"
     );
     assert!(text.contains("cluster     india"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_directories_reload_and_json_batches_split_by_shard() {
+    let india = shard("india").await;
+    let global = shard("global").await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("regions.yaml");
+    std::fs::write(&table, "priya: IN\nbob: GB\n").unwrap();
+    let yaml = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - name: app
+    address: "127.0.0.1:0"
+    routes:
+      - name: batch
+        match: {{ path: {{ exact: /images }}, methods: [POST] }}
+        shard_set: images
+        batch: {{ json_body: /users, merge: concat, items: /images }}
+      - name: one
+        match: {{ path: {{ template: "/images/{{user}}/{{rest*}}" }} }}
+        shard_set: images
+clusters:
+  india: {{ endpoints: ["{}"] }}
+  global: {{ endpoints: ["{}"] }}
+directories:
+  regions: {{ file: "{}" }}
+shard_sets:
+  images:
+    key: {{ capture: user }}
+    directory: regions
+    shards: {{ india: {{ cluster: india, region: IN }}, global: {{ cluster: global }} }}
+    residency: {{ IN: [india], "*": [global] }}
+"#,
+        india.addr,
+        global.addr,
+        table.display()
+    );
+    let at = Attache::start(&yaml);
+    assert_eq!(
+        get(&at.url("app", "/images/bob/1")).await.header("x-shard"),
+        Some("global")
+    );
+    assert_eq!(
+        get(&at.url("app", "/images/arjun/1")).await.status,
+        404,
+        "not in the file yet"
+    );
+    // The file changes: attache re-reads it (within about a second).
+    std::fs::write(&table, "priya: IN\nbob: GB\narjun: IN\n").unwrap();
+    let url = at.url("app", "/images/arjun/1");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let url = url.clone();
+            async move { get(&url).await.header("x-shard") == Some("india") }
+        })
+        .await
+    );
+    // A JSON batch: {"users": [...]} split by shard, each shard sent only its own keys.
+    let body = serde_json::json!({ "users": ["priya", "bob", "arjun"] }).to_string();
+    let got = send(
+        Request::post(at.url("app", "/images"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    let v = got.json();
+    let mut served: Vec<(&str, &str)> = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["owner"].as_str().unwrap(), i["shard"].as_str().unwrap()))
+        .collect();
+    served.sort();
+    assert_eq!(
+        served,
+        [("arjun", "india"), ("bob", "global"), ("priya", "india")]
+    );
 }
