@@ -319,88 +319,15 @@ async fn poke(url: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(5), send(req)).await;
 }
 
-/// `attache demo --json` with ports the kernel picked; killed on drop.
-struct Demo {
-    child: Child,
-    urls: Value,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Demo {
-    fn start() -> Demo {
-        let mut child = Command::new(binary())
-            .args(["demo", "--json"])
-            .env("ATTACHE_DEMO_PORTS", "auto")
-            .env("ATTACHE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(v);
-                    }
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(urls) => Demo {
-                child,
-                urls,
-                stderr,
-            },
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "attache demo --json printed no JSON line:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-        }
-    }
-
-    /// A base URL from the ready line, without a trailing slash.
-    fn url(&self, pointer: &str) -> String {
-        let v = self.urls.pointer(pointer).and_then(Value::as_str);
-        let v = v.unwrap_or_else(|| panic!("no {pointer} in {}", self.urls));
-        v.trim_end_matches('/').to_owned()
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("attache demo log:\n{}", self.stderr.lock().unwrap());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::demo::DemoProcess as Demo;
 
 /// The demo's story on the page: both shards up, India taken down with the fault button and
 /// shown DOWN while Global stays UP, then brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_fault_buttons_take_a_shard_down_and_back_on_the_dashboard() {
     let demo = Demo::start();
-    let admin = demo.url("/admin");
-    let feed = demo.url("/feed");
+    let admin = demo.base("/admin");
+    let feed = demo.base("/feed");
     let browser = Browser::start().await;
     // Some traffic, so that the tiles and tables show rates and latencies.
     let traffic = tokio::spawn(async move {

@@ -8,9 +8,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,72 +16,19 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 use support::*;
 
-/// A running `attache demo --json`, killed on drop.
-struct Demo {
-    child: Child,
-    urls: Value,
-    /// Whatever the demo printed to stdout after its one JSON line (there should be nothing).
-    more_stdout: Arc<Mutex<String>>,
+/// A running `attache demo --json` (see tests/support/demo.rs) and the tour's steps.
+struct Demo(support::demo::DemoProcess);
+
+impl std::ops::Deref for Demo {
+    type Target = support::demo::DemoProcess;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Demo {
     fn start() -> Demo {
-        let mut child = Command::new(binary())
-            .args(["demo", "--json"])
-            .env("ATTACHE_DEMO_PORTS", "auto")
-            .env("ATTACHE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr_text = Arc::new(Mutex::new(String::new()));
-        let sink = stderr_text.clone();
-        let mut stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let more_stdout = Arc::new(Mutex::new(String::new()));
-        let more = more_stdout.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
-            }
-            for line in lines.map_while(Result::ok) {
-                let mut m = more.lock().unwrap();
-                m.push_str(&line);
-                m.push('\n');
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the demo printed no JSON line:\n{}",
-                    stderr_text.lock().unwrap()
-                );
-            }
-        };
-        let urls: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the first line is not JSON ({e}): {line}"));
-        Demo {
-            child,
-            urls,
-            more_stdout,
-        }
+        Demo(support::demo::DemoProcess::start())
     }
 
     fn url(&self, key: &str, path: &str) -> String {
@@ -133,13 +77,6 @@ impl Demo {
             !owners.iter().any(|o| o == "priya" || o == "arjun"),
             "{when}: the global shard names an Indian user: {stats}"
         );
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
