@@ -214,6 +214,96 @@ mod tests {
         ));
     }
 
+    /// A key pair made by the openssl command (installed by scripts/test): (private, public).
+    fn openssl_pair(dir: &std::path::Path, name: &str, algorithm: &[&str]) -> (Vec<u8>, Vec<u8>) {
+        let private = dir.join(format!("{name}.pem"));
+        let public = dir.join(format!("{name}.pub.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args(["genpkey", "-out"])
+            .arg(&private)
+            .args(algorithm)
+            .status()
+            .expect("openssl is needed for this test (scripts/test installs it)")
+            .success();
+        assert!(ok);
+        let ok = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        (
+            std::fs::read(private).unwrap(),
+            std::fs::read(public).unwrap(),
+        )
+    }
+
+    #[test]
+    fn rs256_and_es256_signatures_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let rsa = openssl_pair(
+            dir.path(),
+            "rsa",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        );
+        let other_rsa = openssl_pair(
+            dir.path(),
+            "rsa2",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        );
+        let ec = openssl_pair(
+            dir.path(),
+            "ec",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        );
+        let claims = serde_json::json!({"sub": "arjun"});
+        let cases = [
+            (
+                Algorithm::RS256,
+                EncodingKey::from_rsa_pem(&rsa.0).unwrap(),
+                JwtVerify::Rs256(rsa.1.clone()),
+                true,
+            ),
+            (
+                Algorithm::RS256,
+                EncodingKey::from_rsa_pem(&other_rsa.0).unwrap(),
+                JwtVerify::Rs256(rsa.1.clone()),
+                false,
+            ),
+            (
+                Algorithm::ES256,
+                EncodingKey::from_ec_pem(&ec.0).unwrap(),
+                JwtVerify::Es256(ec.1.clone()),
+                true,
+            ),
+            (
+                Algorithm::ES256,
+                EncodingKey::from_ec_pem(&ec.0).unwrap(),
+                JwtVerify::Rs256(rsa.1.clone()),
+                false,
+            ),
+        ];
+        for (alg, signing, verify, valid) in cases {
+            let token = encode(&Header::new(alg), &claims, &signing).unwrap();
+            let req = http::Request::get("/x")
+                .header("authorization", format!("Bearer {token}"))
+                .body(())
+                .unwrap();
+            let got = jwt_claim(&jwt(verify), &head_with(&req));
+            if valid {
+                assert_eq!(got.unwrap(), "arjun", "{alg:?}");
+            } else {
+                assert!(
+                    matches!(got, Err(KeyError::Unauthorized(_))),
+                    "{alg:?}: {got:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn keys_are_checked() {
         assert!(check(Cow::Borrowed("priya")).is_ok());
