@@ -8,9 +8,7 @@ use std::sync::atomic::AtomicUsize;
 use serde::Serialize;
 
 use crate::balance::{self, stable_hash, Candidate};
-use crate::config::{
-    format_duration, Balance, Config, Destination, HashOn, ListenerKind, PathMatch,
-};
+use crate::config::{format_duration, Balance, Config, Destination, ListenerKind, PathMatch};
 use crate::route::{self, RequestHead};
 
 /// The decision for one request, for people (`Display`) and machines (`Serialize`).
@@ -150,18 +148,9 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
     };
     let cluster = &config.clusters[c];
     let hash_key = match &cluster.balance {
-        Balance::ConsistentHash(on) => match on {
-            HashOn::Header(h) => head.header(h).map(str::to_owned),
-            HashOn::Query(q) => head.query_param(q).map(|v| v.into_owned()),
-            HashOn::Cookie(k) => head.cookie(k).map(str::to_owned),
-            HashOn::Capture(n) => match &r.matcher.path {
-                Some(PathMatch::Template(t)) => t
-                    .name_index(n)
-                    .and_then(|i| decision.captures.get(i, head.path))
-                    .map(str::to_owned),
-                _ => None,
-            },
-        },
+        Balance::ConsistentHash(on) => {
+            route::key_value(on, &head, &decision.captures, r).map(|v| v.into_owned())
+        }
         _ => None,
     };
     let endpoints: Vec<String> = cluster.endpoints.iter().map(|e| e.to_string()).collect();

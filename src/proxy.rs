@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::balance::stable_hash;
 use crate::config::ShardId;
-use crate::config::{Balance, Destination, Forwarded, HashOn, HeaderOps, ListenerKind, Route};
+use crate::config::{Balance, Destination, Forwarded, HeaderOps, ListenerKind, Route};
 use crate::error::ProxyError;
 use crate::resilience::Admit;
 use crate::route::{self, RequestHead, RouteDecision};
@@ -240,25 +240,11 @@ fn rate_limit(
     ) else {
         return Ok(());
     };
-    let key: Option<std::borrow::Cow<'_, str>> = match &policy.per {
-        None => None,
-        Some(HashOn::Header(h)) => head.header(h).map(std::borrow::Cow::Borrowed),
-        Some(HashOn::Query(q)) => head.query_param(q),
-        Some(HashOn::Cookie(c)) => head.cookie(c).map(std::borrow::Cow::Borrowed),
-        Some(HashOn::Capture(n)) => match &route.matcher.path {
-            Some(crate::config::PathMatch::Template(t)) => t
-                .name_index(n)
-                .and_then(|i| decision.captures.get(i, head.path))
-                .map(std::borrow::Cow::Borrowed),
-            _ => None,
-        },
-    };
     // A keyed limit with no key in the request shares one bucket ("" key).
-    let key = if policy.per.is_some() {
-        Some(key.unwrap_or_default())
-    } else {
-        None
-    };
+    let key = policy
+        .per
+        .as_ref()
+        .map(|on| route::key_value(on, head, &decision.captures, route).unwrap_or_default());
     limiter.check(key.as_deref()).map_err(|wait| {
         let listener = &snap.config.listeners[listener].name;
         conn.shared.metrics.rate_limited(listener, &route.name);
@@ -846,18 +832,7 @@ fn hash_key(
     let Balance::ConsistentHash(on) = balance else {
         return None;
     };
-    match on {
-        HashOn::Header(h) => head.headers.get(h).map(|v| stable_hash(v.as_bytes())),
-        HashOn::Query(q) => head.query_param(q).map(|v| stable_hash(v.as_bytes())),
-        HashOn::Cookie(c) => head.cookie(c).map(|v| stable_hash(v.as_bytes())),
-        HashOn::Capture(name) => match &route.matcher.path {
-            Some(crate::config::PathMatch::Template(t)) => t
-                .name_index(name)
-                .and_then(|i| decision.captures.get(i, head.path))
-                .map(|v| stable_hash(v.as_bytes())),
-            _ => None,
-        },
-    }
+    route::key_value(on, head, &decision.captures, route).map(|v| stable_hash(v.as_bytes()))
 }
 
 /// Rewrites the client's request into the upstream request, in place. Returns the client's

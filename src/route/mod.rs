@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use http::{HeaderMap, Method};
 
-use crate::config::{HostMatch, PathMatch, Route, RouteMatch, ValueMatch, ValueRule};
+use crate::config::{HashOn, HostMatch, PathMatch, Route, RouteMatch, ValueMatch, ValueRule};
 pub use template::{Captures, Template, MAX_CAPTURES};
 
 /// The parts of a request that routing looks at.
@@ -108,6 +108,29 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
             let (k, v) = kv.trim().split_once('=')?;
             (k == name).then(|| v.trim_matches('"'))
         })
+}
+
+/// The value a request carries for a key source: a header, a query parameter, a cookie, or a
+/// capture of the route's path template. Shared by consistent hashing, keyed rate limits and
+/// `attache explain`.
+pub fn key_value<'a>(
+    on: &HashOn,
+    head: &RequestHead<'a>,
+    captures: &Captures,
+    route: &Route,
+) -> Option<Cow<'a, str>> {
+    match on {
+        HashOn::Header(h) => head.header(h).map(Cow::Borrowed),
+        HashOn::Query(q) => head.query_param(q),
+        HashOn::Cookie(c) => head.cookie(c).map(Cow::Borrowed),
+        HashOn::Capture(name) => match &route.matcher.path {
+            Some(PathMatch::Template(t)) => t
+                .name_index(name)
+                .and_then(|i| captures.get(i, head.path))
+                .map(Cow::Borrowed),
+            _ => None,
+        },
+    }
 }
 
 /// Which route a request takes, and what its path template captured.
