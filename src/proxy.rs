@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -19,6 +20,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
+
+use crate::upstream::h1::UpstreamBody;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::stable_hash;
@@ -41,7 +44,15 @@ pub struct ConnCtx {
     pub client: SocketAddr,
     /// The client IP as a header value, made once per connection.
     pub client_ip: HeaderValue,
+    /// Whether the connection may park (see `listener::http`): `PARK_BUSY` while a request
+    /// is in progress, `PARK_ARMED` once a bodiless request's response is complete,
+    /// `PARK_PARKED` once the listener has answered hyper's idle read with end-of-file.
+    pub park: AtomicU8,
 }
+
+pub const PARK_BUSY: u8 = 0;
+pub const PARK_ARMED: u8 = 1;
+pub const PARK_PARKED: u8 = 2;
 
 impl ConnCtx {
     pub fn new(shared: Arc<Shared>, listener: usize, worker: usize, client: SocketAddr) -> ConnCtx {
@@ -53,6 +64,7 @@ impl ConnCtx {
             worker,
             client,
             client_ip,
+            park: AtomicU8::new(PARK_BUSY),
         }
     }
 }
@@ -113,7 +125,7 @@ fn fallback(snap: &Snapshot, done: &Completion, e: &ProxyError) -> Option<Respon
 
 /// The body of a response on its way back: the upstream's, streamed, or one attache made
 /// (errors, merged scatter-gather answers).
-pub type RespInner = Either<Incoming, Full<Bytes>>;
+pub type RespInner = Either<UpstreamBody, Full<Bytes>>;
 
 /// The request path. Returns the upstream's response or the error attache answers with.
 async fn forward(
@@ -273,7 +285,7 @@ async fn execute(
     done: &mut Completion,
     targets: Targets<'_>,
     keys: &[(usize, Option<u64>)],
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let started = done.start;
     let deadline = started + route.timeout;
     let first_cluster = match targets {
@@ -566,7 +578,7 @@ fn finish_error(
 
 /// One try's result.
 struct Sent {
-    result: Result<Response<Incoming>, ProxyError>,
+    result: Result<Response<UpstreamBody>, ProxyError>,
     outcome: crate::resilience::Outcome,
     endpoint: Arc<Endpoint>,
     in_flight: InFlight,
@@ -676,7 +688,23 @@ async fn send_one(
     cluster.stats.requests.inc();
     cluster.stats.active.inc();
     let sent = Instant::now();
-    let result = tokio::time::timeout(timeout, cluster.client(conn.worker).request(req)).await;
+    let result = match cluster.config.protocol {
+        crate::config::UpstreamProtocol::Http1 => {
+            let pool = cluster.pool(conn.worker);
+            tokio::time::timeout(timeout, pool.send(endpoint.addr, req))
+                .await
+                .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
+        }
+        crate::config::UpstreamProtocol::Http2 => {
+            let client = cluster.client(conn.worker);
+            tokio::time::timeout(timeout, client.request(req))
+                .await
+                .map(|r| {
+                    r.map(|resp| resp.map(UpstreamBody::Client))
+                        .map_err(|e| classify(&e, &endpoint))
+                })
+        }
+    };
     cluster.stats.active.dec();
     let (result, outcome) = match result {
         Err(_) => (
@@ -686,8 +714,7 @@ async fn send_one(
             }),
             Outcome::Timeout,
         ),
-        Ok(Err(e)) => {
-            let err = classify(&e, &endpoint);
+        Ok(Err(err)) => {
             let outcome = match err {
                 ProxyError::ConnectFailed { .. } => Outcome::ConnectFailed,
                 _ => Outcome::Reset,
@@ -699,7 +726,7 @@ async fn send_one(
             cluster.stats.responses[class_index(resp.status().as_u16())].inc();
             let grpc = resp
                 .headers()
-                .get("grpc-status")
+                .get(&GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
             let outcome = Outcome::Response {
@@ -789,7 +816,7 @@ pub(crate) async fn attempt(
     forwarded: &Forwarded,
     conn: &ConnCtx,
     in_flight: &mut Option<InFlight>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let cluster = &snap.clusters[cluster_id];
     let admit = match &cluster.breaker {
         None => Admit::Yes,
@@ -874,9 +901,13 @@ pub(crate) fn prepare_request(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     };
+    // HTTP/1.1 connections are ours and take the origin form; hyper-util's client (HTTP/2)
+    // needs the absolute form to know where to connect.
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(endpoint.authority.clone());
+    if protocol == crate::config::UpstreamProtocol::Http2 {
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(endpoint.authority.clone());
+    }
     parts.path_and_query = Some(path_and_query);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     *req.version_mut() = match protocol {
@@ -904,6 +935,7 @@ pub(crate) fn prepare_request(
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -923,14 +955,37 @@ fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
 /// `Keep-Alive`, `Proxy-Connection`, `TE` (except `trailers`, which gRPC needs),
 /// `Transfer-Encoding` and `Upgrade` (kept, with `Connection: upgrade`, for an upgrade).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(list) = conn.to_str() {
+    // One pass over the names first: most messages carry none of these (or only
+    // `connection: keep-alive`), and each removal is a hash lookup.
+    let (mut connection, mut other) = (false, false);
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::TE
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+        {
+            other = true;
+        }
+    }
+    if !connection && !other {
+        return;
+    }
+    if connection {
+        let listed = headers.get(header::CONNECTION).cloned();
+        if let Some(list) = listed.as_ref().and_then(|v| v.to_str().ok()) {
             for name in list.split(',') {
                 let name = name.trim();
+                if name.eq_ignore_ascii_case("keep-alive") || name.eq_ignore_ascii_case("close") {
+                    continue; // keep-alive is removed below; `close` names no header
+                }
                 if keep_upgrade && name.eq_ignore_ascii_case("upgrade") {
                     continue;
                 }
-                if let Ok(n) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                // from_bytes lower-cases.
+                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
                     headers.remove(n);
                 }
             }
@@ -940,6 +995,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         } else {
             headers.remove(header::CONNECTION);
         }
+    }
+    if !other {
+        return;
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
@@ -955,18 +1013,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
-    match headers.get(name) {
-        Some(existing) => {
-            let mut joined = Vec::with_capacity(existing.len() + 2 + value.len());
-            joined.extend_from_slice(existing.as_bytes());
+    match headers.entry(name) {
+        http::header::Entry::Occupied(mut existing) => {
+            let old = existing.get();
+            let mut joined = Vec::with_capacity(old.len() + 2 + value.len());
+            joined.extend_from_slice(old.as_bytes());
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(value.as_bytes());
             if let Ok(v) = HeaderValue::from_bytes(&joined) {
-                headers.insert(name.clone(), v);
+                existing.insert(v);
             }
         }
-        None => {
-            headers.insert(name.clone(), value.clone());
+        http::header::Entry::Vacant(slot) => {
+            slot.insert(value.clone());
         }
     }
 }
@@ -993,6 +1052,19 @@ fn classify(e: &hyper_util::client::legacy::Error, endpoint: &Endpoint) -> Proxy
             ProxyError::UpstreamProtocol { endpoint, detail }
         }
         _ => ProxyError::UpstreamReset { endpoint, detail },
+    }
+}
+
+fn classify_h1(e: &crate::upstream::h1::SendError, endpoint: &Endpoint) -> ProxyError {
+    use crate::upstream::h1::SendError;
+    let endpoint = endpoint.addr.to_string();
+    let detail = e.to_string();
+    match e {
+        SendError::Connect(_) => ProxyError::ConnectFailed { endpoint, detail },
+        SendError::Hyper(h) if h.is_parse() || h.is_parse_status() => {
+            ProxyError::UpstreamProtocol { endpoint, detail }
+        }
+        SendError::Hyper(_) => ProxyError::UpstreamReset { endpoint, detail },
     }
 }
 
@@ -1044,6 +1116,9 @@ pub struct Completion {
     reason: Option<&'static str>,
     /// Tries sent upstream (retries and hedges included).
     pub(crate) attempts: u32,
+    /// A request without a body (and not CONNECT): once its response is complete, the client
+    /// connection has nothing in progress and may park.
+    may_park: bool,
 }
 
 impl Completion {
@@ -1066,14 +1141,28 @@ impl Completion {
             bytes: 0,
             reason: None,
             attempts: 0,
+            may_park: req.body().is_end_stream() && req.method() != Method::CONNECT,
         }
     }
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        let elapsed = self.start.elapsed();
         let listener = &self.snap.config.listeners[self.conn.listener];
+        if self.may_park
+            && self.status != 101
+            && self.conn.shared.connections[self.conn.listener]
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > listener.park_idle_above
+        {
+            let _ = self.conn.park.compare_exchange(
+                PARK_BUSY,
+                PARK_ARMED,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        let elapsed = self.start.elapsed();
         if let Some(r) = self.route {
             let stats = &self.snap.listeners[self.conn.listener].routes[r];
             stats.responses[class_index(self.status)].inc();
@@ -1139,13 +1228,13 @@ pin_project_lite::pin_project! {
     /// [`Completion`].
     pub struct ProxyBody {
         #[pin]
-        inner: Either<Incoming, Full<Bytes>>,
+        inner: RespInner,
         done: Completion,
     }
 }
 
 impl ProxyBody {
-    fn new(inner: Either<Incoming, Full<Bytes>>, done: Completion) -> ProxyBody {
+    fn new(inner: RespInner, done: Completion) -> ProxyBody {
         ProxyBody { inner, done }
     }
 }
@@ -1180,5 +1269,71 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_stripped() {
+        let mut h = headers(&[
+            ("host", "a"),
+            ("Connection", "Keep-Alive, X-Secret, close"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["host", "x-kept"]);
+
+        // `te: trailers` survives (gRPC needs it); an upgrade keeps its two headers.
+        let mut h = headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "te", "upgrade"]);
+        assert_eq!(h["connection"], "upgrade");
+
+        // Nothing to strip: nothing changes.
+        let mut h = headers(&[("host", "a"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["accept", "host"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_a_list() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let mut h = HeaderMap::new();
+        append_list(&mut h, &X_FORWARDED_FOR, &ip);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
+        let mut h = headers(&[("x-forwarded-for", "1.2.3.4")]);
+        append_list(&mut h, &X_FORWARDED_FOR, &ip);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
     }
 }

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -207,7 +206,7 @@ async fn worker(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let drain = listener::http::Drain::default();
     let flusher = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -237,7 +236,7 @@ async fn worker(
                 i,
                 index,
                 shared.clone(),
-                &graceful,
+                &drain,
                 shutdown.clone(),
             ))),
             ListenerKind::Tcp { .. } => {
@@ -255,7 +254,7 @@ async fn worker(
     futures_util::future::join_all(loops).await;
     let grace = shared.snapshot.load().config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
+    if tokio::time::timeout_at(deadline, drain.shutdown())
         .await
         .is_err()
     {

@@ -64,6 +64,210 @@ async fn http1_keep_alive_reuses_connections_both_sides() {
     );
 }
 
+/// Reads one HTTP/1.1 response with a content-length body from a raw socket; `buf` carries
+/// bytes read past it. Returns the status line and the body.
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, String) {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().unwrap())
+                })
+                .unwrap();
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed mid-body");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+            buf.drain(..end + 4 + len);
+            return (head.lines().next().unwrap().to_owned(), body);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The `parked_connections` gauge of listener "main".
+async fn parked(at: &Attache) -> u64 {
+    let metrics = get(&at.admin_url("/metrics")).await.text();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("attache_parked_connections{") && l.contains("listener=\"main\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http1_connections_park_and_resume_on_the_same_socket() {
+    let up = Upstream::named("a").await;
+    let yaml = format!(
+        "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    header_read_timeout: 2s\n    park_idle_above: 0\n    routes: [ {{ cluster: a }} ]\nclusters:\n  a: {{ endpoints: [\"{}\"] }}\n",
+        up.addr
+    );
+    let at = Attache::start(&yaml);
+    let mut s = tokio::net::TcpStream::connect(at.listeners["main"])
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "a");
+    // Idle after its response: the connection parks (hyper's state is released).
+    assert!(eventually(Duration::from_secs(5), || async { parked(&at).await == 1 }).await);
+
+    // A head arriving in two pieces wakes it; the new hyper connection waits for the rest.
+    s.write_all(b"GET /2 HTTP/1.1\r\nho").await.unwrap();
+    s.flush().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { parked(&at).await == 0 }).await);
+    s.write_all(b"st: a\r\n\r\n").await.unwrap();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "a"));
+
+    // Two pipelined requests in one write: both answered, in order.
+    s.write_all(b"GET /3 HTTP/1.1\r\nhost: a\r\n\r\nGET /4 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "a");
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "a");
+
+    // A whole request followed by part of the next: whether the connection parks in between
+    // (keeping the partial head) or not, the rest completes the second request.
+    s.write_all(b"GET /5 HTTP/1.1\r\nhost: a\r\n\r\nGET /6 HTTP/1.1\r\nhos")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "a");
+    s.write_all(b"t: a\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut s, &mut buf).await.1, "a");
+    assert_eq!(up.hits(), 6);
+    let paths: Vec<String> = up
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.uri.clone())
+        .collect();
+    assert_eq!(paths, ["/1", "/2", "/3", "/4", "/5", "/6"]);
+
+    // A parked connection that stays silent is closed after the idle limit (header_read_timeout).
+    assert!(eventually(Duration::from_secs(5), || async { parked(&at).await == 1 }).await);
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(eventually(Duration::from_secs(5), || async { parked(&at).await == 0 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_and_empty_upstream_responses_keep_their_pooled_connection() {
+    // Chunked bodies (no content-length), empty 204s and HEAD answers all end their message
+    // cleanly, so the upstream connection goes back to the pool after each.
+    let up = Upstream::start(|req| async move {
+        if req.uri().path() == "/empty" {
+            return text(204, "");
+        }
+        let frames: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> =
+            ["ab", "cd", "ef"]
+                .into_iter()
+                .map(|c| Ok(Frame::data(Bytes::from(c))))
+                .collect();
+        http::Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+            frames,
+        ))))
+    })
+    .await;
+    let at = Attache::start(&one_cluster(&up, ""));
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1)
+        .build_http::<Full<Bytes>>();
+    for i in 0..30 {
+        let (method, path) = match i % 3 {
+            0 => ("GET", "/chunked"),
+            1 => ("GET", "/empty"),
+            _ => ("HEAD", "/chunked"),
+        };
+        let resp = client
+            .request(
+                Request::builder()
+                    .method(method)
+                    .uri(at.url("main", path))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        match i % 3 {
+            0 => assert_eq!((status, &body[..]), (200, &b"abcdef"[..])),
+            1 => assert_eq!((status, &body[..]), (204, &b""[..])),
+            _ => assert_eq!((status, &body[..]), (200, &b""[..])),
+        }
+    }
+    assert_eq!(up.hits(), 30);
+    assert!(
+        up.connections.load(Ordering::SeqCst) <= 2,
+        "{} upstream connections for 30 sequential requests",
+        up.connections.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_closed_while_pooled_are_replaced_unseen() {
+    // An upstream that answers one request per connection as keep-alive, then closes it: every
+    // pooled connection is dead by the time it is reused.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Closing at once: whether attache sees the close before its next request or
+                // only when sending it, the client must not notice.
+            });
+        }
+    });
+    let yaml = format!(
+        "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes: [ {{ cluster: a }} ]\nclusters:\n  a: {{ endpoints: [\"{addr}\"], retry: {{ attempts: 1 }} }}\n"
+    );
+    let at = Attache::start(&yaml);
+    for i in 0..10 {
+        let got = get(&at.url("main", &format!("/{i}"))).await;
+        assert_eq!(
+            (got.status, got.text()),
+            (200, "ok".to_owned()),
+            "request {i}"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 10);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_on_the_same_port() {
     let up = Upstream::named("a").await;

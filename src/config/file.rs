@@ -57,6 +57,8 @@ pub struct FileListener {
     #[serde(default)]
     pub max_connections: Option<S<u64>>,
     #[serde(default)]
+    pub park_idle_above: Option<S<u64>>,
+    #[serde(default)]
     pub header_read_timeout: Option<S<String>>,
     #[serde(default)]
     pub max_header_bytes: Option<S<u64>>,

@@ -34,6 +34,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Connections a listener accepts at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Open connections of a listener past which idle HTTP/1.1 connections park, by default.
+pub const DEFAULT_PARK_IDLE_ABOVE: usize = 64;
 /// How long in-flight requests may run after SIGTERM, by default.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// How often DNS endpoints are re-resolved, by default.
@@ -98,6 +100,10 @@ pub struct Listener {
     pub address: SocketAddr,
     pub kind: ListenerKind,
     pub max_connections: usize,
+    /// While the listener holds more connections than this, an idle HTTP/1.1 connection parks:
+    /// it releases hyper's buffers (about 17 KiB) until the client sends again. Below it,
+    /// connections keep them and save the few µs a park and wake-up cost.
+    pub park_idle_above: usize,
     /// Time allowed for a request head to arrive. For HTTP/1.1 it also bounds how long an idle
     /// keep-alive connection waits for its next request (hyper starts the timer when it waits
     /// for a head).
@@ -668,6 +674,7 @@ impl Config {
                     "name": l.name,
                     "address": l.address.to_string(),
                     "max_connections": l.max_connections,
+                    "park_idle_above": l.park_idle_above,
                     "header_read_timeout": format_duration(l.header_read_timeout),
                     "max_header_bytes": l.max_header_bytes,
                 });

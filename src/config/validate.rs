@@ -314,6 +314,10 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
             }
             Some(m) => m.value as usize,
         };
+        let park_idle_above = l
+            .park_idle_above
+            .as_ref()
+            .map_or(DEFAULT_PARK_IDLE_ABOVE, |p| p.value as usize);
         let max_header_bytes = match &l.max_header_bytes {
             None => DEFAULT_MAX_HEADER_BYTES,
             Some(m) if m.value < 8192 || m.value > 1 << 20 => {
@@ -337,6 +341,7 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
                 address,
                 kind,
                 max_connections,
+                park_idle_above,
                 header_read_timeout,
                 max_header_bytes,
             });

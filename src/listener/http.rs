@@ -1,47 +1,97 @@
-//! The HTTP accept loop of one listener on one worker.
+//! The HTTP accept loop of one listener on one worker, and the life of each client connection:
+//! protocol detection (HTTP/1.1, or h2c with prior knowledge), serving, parking and draining.
+//!
+//! **Parking.** hyper keeps about 17 KiB per HTTP/1.1 connection for the connection's whole
+//! life (an 8 KiB read buffer, an 8 KiB header write buffer, the dispatcher). A sidecar holds
+//! many idle keep-alive connections, so when an HTTP/1.1 connection goes idle after a response
+//! attache ends hyper's connection without closing the socket ("parks" it) and keeps only the
+//! socket and a timer until the client sends again; then a new hyper connection takes over,
+//! with any bytes hyper had read ahead. The trick: once the response is complete, [`ClientIo`]
+//! answers hyper's next read that would block with end-of-file, which hyper treats as a clean
+//! close between requests, and it skips the socket shutdown that would follow. hyper has no
+//! hook to release its buffers, hence this.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::Listener;
 use crate::proxy::{self, ConnCtx};
 use crate::state::Shared;
+use crate::telemetry::ListenerStats;
 
-/// The connection builder for a listener: HTTP/1.1 and h2c (prior knowledge) on one port.
-pub fn builder(listener: &Listener) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+/// The client preface of HTTP/2 with prior knowledge (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The connection builders of a listener.
+pub struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    /// How long an idle HTTP/1.1 connection may wait for its next request.
+    idle_timeout: Duration,
+}
+
+/// The connection builders for a listener: HTTP/1.1 and h2c (prior knowledge) on one port.
+pub fn builders(listener: &Listener) -> Builders {
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(listener.header_read_timeout)
         .max_buf_size(listener.max_header_bytes)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(listener.max_header_bytes as u32);
-    builder
+    Builders {
+        h1,
+        h2,
+        idle_timeout: listener.header_read_timeout,
+    }
 }
 
-/// Accepts connections until `shutdown` turns true; each connection is watched by `graceful`
-/// so that a drain lets its in-flight requests finish.
+/// Lets a worker's client connections finish their requests, then waits for all of them.
+pub struct Drain(watch::Sender<bool>);
+
+impl Default for Drain {
+    fn default() -> Drain {
+        Drain(watch::channel(false).0)
+    }
+}
+
+impl Drain {
+    fn watcher(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+
+    /// Asks every connection to finish (idle ones close at once) and waits until all have.
+    pub async fn shutdown(self) {
+        self.0.send_replace(true);
+        self.0.closed().await;
+    }
+}
+
+/// Accepts connections until `shutdown` turns true; each connection watches `drain`, so that
+/// a drain lets its in-flight requests finish.
 pub async fn serve(
     socket: TcpListener,
     index: usize,
     worker: usize,
     shared: Arc<Shared>,
-    graceful: &GracefulShutdown,
+    drain: &Drain,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let listener = shared.snapshot.load().config.listeners[index].clone();
-    let builder = builder(&listener);
+    let builders = Arc::new(builders(&listener));
     let stats = shared.snapshot.load().listeners[index].stats.clone();
     loop {
         let (stream, client) = tokio::select! {
@@ -67,19 +117,256 @@ pub async fn serve(
         stats.active_connections.inc();
         let _ = stream.set_nodelay(true);
         let ctx = Arc::new(ConnCtx::new(shared.clone(), index, worker, client));
-        let service = service_fn(move |req| proxy::handle(req, ctx.clone()));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
         let shared = shared.clone();
         let stats = stats.clone();
+        let builders = builders.clone();
+        let drain = drain.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
+            connection(stream, ctx, builders, drain, &stats).await;
             shared.connections[index].fetch_sub(1, Ordering::Relaxed);
             stats.active_connections.dec();
+        });
+    }
+}
+
+/// One client connection, from accept to close.
+async fn connection(
+    mut stream: TcpStream,
+    ctx: Arc<ConnCtx>,
+    builders: Arc<Builders>,
+    mut drain: watch::Receiver<bool>,
+    stats: &ListenerStats,
+) {
+    let Some(mut prefix) = sniff(&mut stream, &builders, &mut drain).await else {
+        return;
+    };
+    if prefix.starts_with(H2_PREFACE) {
+        let io = TokioIo::new(ClientIo::new(stream, prefix, ctx.clone(), false));
+        let service = service_fn(move |req| proxy::handle(req, ctx.clone()));
+        // Boxed: inline, hyper's HTTP/2 connection would size every connection's task.
+        let mut conn = Box::pin(builders.h2.serve_connection(io, service));
+        let result = tokio::select! {
+            r = &mut conn => r,
+            _ = drain.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+        return;
+    }
+    let mut parked = false;
+    loop {
+        if parked {
+            let woke = !prefix.is_empty() || wait_readable(&stream, &builders, &mut drain).await;
+            stats.parked_connections.dec();
+            if !woke {
+                return;
+            }
+        }
+        ctx.park.store(proxy::PARK_BUSY, Ordering::Relaxed);
+        let io = TokioIo::new(ClientIo::new(stream, prefix, ctx.clone(), true));
+        let service = {
+            let ctx = ctx.clone();
+            service_fn(move |req| {
+                // hyper calls this as soon as it has read a head, before it reads again.
+                ctx.park.store(proxy::PARK_BUSY, Ordering::Relaxed);
+                proxy::handle(req, ctx.clone())
+            })
+        };
+        // Boxed so that a parked connection's task doesn't keep room for hyper's state.
+        let mut conn = Box::new(builders.h1.serve_connection(io, service).with_upgrades());
+        let result = tokio::select! {
+            r = &mut *conn => r,
+            _ = drain.changed() => {
+                Pin::new(&mut *conn).graceful_shutdown();
+                (&mut *conn).await
+            }
+        };
+        if ctx.park.load(Ordering::Relaxed) != proxy::PARK_PARKED {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            return;
+        }
+        // Parked: hyper stopped at our end-of-file between two requests. An error here is
+        // hyper finding a partly read head (pipelining); the bytes are in `read_buf`.
+        let Some(parts) = conn.into_parts() else {
+            return; // upgraded
+        };
+        let io = parts.io.into_inner();
+        stream = io.stream;
+        // Copied: even an empty slice of hyper's read buffer keeps its 8 KiB alive.
+        prefix = if parts.read_buf.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&parts.read_buf)
+        };
+        parked = true;
+        stats.parked_connections.inc();
+    }
+}
+
+/// Reads the first bytes of a connection, enough to tell h2c's preface from HTTP/1.1.
+/// `None` when the client went away, stayed silent too long, or the worker drains.
+async fn sniff(
+    stream: &mut TcpStream,
+    builders: &Builders,
+    drain: &mut watch::Receiver<bool>,
+) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    while buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) {
+        if !wait_readable(stream, builders, drain).await {
+            return None;
+        }
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
+    }
+    Some(buf.freeze())
+}
+
+/// Waits until the client sends; false when it stays silent for the idle timeout, when the
+/// worker drains, or on a socket error.
+async fn wait_readable(
+    stream: &TcpStream,
+    builders: &Builders,
+    drain: &mut watch::Receiver<bool>,
+) -> bool {
+    if *drain.borrow() {
+        return false;
+    }
+    tokio::select! {
+        r = stream.readable() => r.is_ok(),
+        _ = tokio::time::sleep(builders.idle_timeout) => false,
+        _ = drain.changed() => false,
+    }
+}
+
+/// The client socket as hyper sees it: bytes read ahead first, then the socket; once the
+/// current response is complete, a read that would block becomes end-of-file (parking).
+struct ClientIo {
+    stream: TcpStream,
+    prefix: Bytes,
+    ctx: Arc<ConnCtx>,
+    parkable: bool,
+}
+
+impl ClientIo {
+    fn new(stream: TcpStream, prefix: Bytes, ctx: Arc<ConnCtx>, parkable: bool) -> ClientIo {
+        ClientIo {
+            stream,
+            prefix,
+            ctx,
+            parkable,
+        }
+    }
+
+    fn parked(&self) -> bool {
+        self.parkable && self.ctx.park.load(Ordering::Relaxed) == proxy::PARK_PARKED
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending
+                if this.parkable
+                    && this
+                        .ctx
+                        .park
+                        .compare_exchange(
+                            proxy::PARK_ARMED,
+                            proxy::PARK_PARKED,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok() =>
+            {
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.parked() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size<F: std::future::Future>(_: &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A parked connection is its task: keep hyper's connection states (HTTP/2's is over 1.5
+    /// KiB) out of it, boxed, so that 10,000 idle clients stay small.
+    #[test]
+    fn a_connection_task_stays_small() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let s = TcpStream::connect(addr).await.unwrap();
+            let yaml = "admin: { address: \"127.0.0.1:0\" }\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes: [ { cluster: a } ]\nclusters:\n  a: { endpoints: [\"127.0.0.1:1\"] }\n";
+            let cfg = crate::config::Config::parse(yaml, std::path::Path::new("x.yaml")).unwrap();
+            let b = Arc::new(builders(&cfg.listeners[0]));
+            let shared = Shared::new(cfg, "x.yaml".into(), 1, crate::telemetry::AccessLog::Off);
+            let stats = shared.snapshot.load().listeners[0].stats.clone();
+            let ctx = Arc::new(ConnCtx::new(shared.clone(), 0, 0, addr));
+            let drain = Drain::default();
+            let f = connection(s, ctx, b, drain.watcher(), &stats);
+            assert!(size(&f) < 1024, "connection future: {} bytes", size(&f));
         });
     }
 }

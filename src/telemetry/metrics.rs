@@ -137,6 +137,8 @@ pub struct ListenerStats {
     pub connections: Counter,
     pub active_connections: Gauge,
     pub refused_connections: Counter,
+    /// Idle HTTP/1.1 connections parked (hyper's state released until the client sends).
+    pub parked_connections: Gauge,
 }
 
 /// Per-directory handles.
@@ -171,6 +173,7 @@ pub struct Metrics {
     connections: Family<Labels, Counter>,
     active_connections: Family<Labels, Gauge>,
     refused_connections: Family<Labels, Counter>,
+    parked_connections: Family<Labels, Gauge>,
     reloads: Family<Labels, Counter>,
     /// Requests answered by attache itself, by reason.
     local_replies: Family<Labels, Counter>,
@@ -223,6 +226,7 @@ impl Metrics {
             connections: Family::default(),
             active_connections: Family::default(),
             refused_connections: Family::default(),
+            parked_connections: Family::default(),
             reloads: Family::default(),
             local_replies: Family::default(),
             directory_hits: Family::default(),
@@ -299,6 +303,11 @@ impl Metrics {
                 "refused_connections",
                 "Client connections refused over max_connections",
                 m.refused_connections.clone(),
+            );
+            r.register(
+                "parked_connections",
+                "Idle HTTP/1.1 client connections holding only their socket, by listener",
+                m.parked_connections.clone(),
             );
             r.register(
                 "config_reloads",
@@ -442,6 +451,7 @@ impl Metrics {
             connections: self.connections.get_or_create(&base).clone(),
             active_connections: self.active_connections.get_or_create(&base).clone(),
             refused_connections: self.refused_connections.get_or_create(&base).clone(),
+            parked_connections: self.parked_connections.get_or_create(&base).clone(),
         }
     }
 

@@ -3,9 +3,12 @@
 //!
 //! A [`ClusterState`] is built from a config [`Cluster`] and kept across reloads while its
 //! definition does not change, so endpoint health, in-flight counts and pooled connections
-//! survive a reload. Each worker thread has its own pool ([`ClusterState::client`]), so pool
-//! bookkeeping never crosses threads.
+//! survive a reload. Each worker thread has its own pools, so pool bookkeeping never crosses
+//! threads: HTTP/1.1 clusters use [`h1::Pool`] (connections driven from the request's own
+//! task), HTTP/2 clusters, health checks and directory lookups hyper-util's pooled client
+//! ([`ClusterState::client`]).
 
+pub mod h1;
 mod health;
 
 use std::net::SocketAddr;
@@ -161,6 +164,8 @@ pub struct ClusterState {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     counter: AtomicUsize,
     clients: Vec<Client>,
+    /// HTTP/1.1 connections driven from the request's task, one pool per worker.
+    pools: Vec<Arc<h1::Pool>>,
     pub stats: ClusterStats,
     /// Retries allowed to this cluster.
     pub budget: RetryBudget,
@@ -192,6 +197,15 @@ impl ClusterState {
             })
             .collect();
         let clients = (0..workers.max(1)).map(|_| build_client(&config)).collect();
+        let pools = (0..workers.max(1))
+            .map(|_| {
+                Arc::new(h1::Pool::new(
+                    config.max_idle_per_endpoint,
+                    config.idle_timeout,
+                    config.connect_timeout,
+                ))
+            })
+            .collect();
         Arc::new(ClusterState {
             budget: RetryBudget::new(
                 config.retry.budget_permille,
@@ -206,6 +220,7 @@ impl ClusterState {
             endpoints: ArcSwap::from_pointee(endpoints),
             counter: AtomicUsize::new(0),
             clients,
+            pools,
             stats,
         })
     }
@@ -244,6 +259,11 @@ impl ClusterState {
     /// This worker's pooled client.
     pub fn client(&self, worker: usize) -> &Client {
         &self.clients[worker % self.clients.len()]
+    }
+
+    /// This worker's pool of HTTP/1.1 connections (the request path of HTTP/1.1 clusters).
+    pub fn pool(&self, worker: usize) -> &Arc<h1::Pool> {
+        &self.pools[worker % self.pools.len()]
     }
 
     /// Re-resolves DNS endpoints; keeps the state of addresses that stay.
