@@ -780,13 +780,17 @@ async fn upstream_reset_and_hang_get_their_status_within_the_timeout() {
                 .body(Full::new(Bytes::new()))
                 .unwrap(),
         )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "the head was already sent");
-    assert!(
-        resp.into_body().collect().await.is_err(),
-        "the client sees the body cut short"
-    );
+        .await;
+    // The client never gets a complete response: either the head (already on its way) and a
+    // body cut short, or, when the reset lands before attache has flushed the head, a
+    // connection closed before any response.
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), 200, "the head was already sent");
+        assert!(
+            resp.into_body().collect().await.is_err(),
+            "the client sees the body cut short"
+        );
+    }
     let log = at.access_log(1);
     assert_eq!(log[0]["reason"], "upstream-reset-mid-body");
 }

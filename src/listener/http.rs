@@ -11,6 +11,7 @@
 //! close between requests, and it skips the socket shutdown that would follow. hyper has no
 //! hook to release its buffers, hence this.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -145,13 +146,7 @@ async fn connection(
         let service = service_fn(move |req| proxy::handle(req, ctx.clone()));
         // Boxed: inline, hyper's HTTP/2 connection would size every connection's task.
         let mut conn = Box::pin(builders.h2.serve_connection(io, service));
-        let result = tokio::select! {
-            r = &mut conn => r,
-            _ = drain.changed() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
+        let result = serve_draining(&mut conn, &drain, |c| c.as_mut().graceful_shutdown()).await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "client connection ended with an error");
         }
@@ -178,13 +173,7 @@ async fn connection(
         };
         // Boxed so that a parked connection's task doesn't keep room for hyper's state.
         let mut conn = Box::new(builders.h1.serve_connection(io, service).with_upgrades());
-        let result = tokio::select! {
-            r = &mut *conn => r,
-            _ = drain.changed() => {
-                Pin::new(&mut *conn).graceful_shutdown();
-                (&mut *conn).await
-            }
-        };
+        let result = serve_draining(&mut *conn, &drain, |c| Pin::new(c).graceful_shutdown()).await;
         if ctx.park.load(Ordering::Relaxed) != proxy::PARK_PARKED {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "client connection ended with an error");
@@ -207,6 +196,35 @@ async fn connection(
         parked = true;
         stats.parked_connections.inc();
     }
+}
+
+/// Runs a hyper connection to its end; when the worker drains, asks it to finish what is in
+/// flight and close. The drain's change future is polled once, to leave this task's waker
+/// with the channel; after that each wake-up reads only the channel's version (re-polling the
+/// future would take the channel's lock on every wake-up of a busy connection).
+async fn serve_draining<C, G>(conn: &mut C, drain: &watch::Receiver<bool>, graceful: G) -> C::Output
+where
+    C: Future + Unpin,
+    G: Fn(&mut C),
+{
+    let mut watcher = drain.clone();
+    let mut changed = std::pin::pin!(watcher.changed());
+    let (mut registered, mut draining) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !draining {
+            draining = if registered {
+                drain.has_changed().unwrap_or(true)
+            } else {
+                registered = true;
+                changed.as_mut().poll(cx).is_ready()
+            };
+            if draining {
+                graceful(&mut *conn);
+            }
+        }
+        Pin::new(&mut *conn).poll(cx)
+    })
+    .await
 }
 
 /// Reads the first bytes of a connection, enough to tell h2c's preface from HTTP/1.1.
