@@ -211,9 +211,18 @@ async fn worker(
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::telemetry::access_log::FLUSH_INTERVAL);
+            let mut ticks = 0u32;
             loop {
                 tick.tick().await;
                 shared.access_log.flush();
+                // About once a second: close this worker's expired or dead idle upstream
+                // connections even when no request comes to check them out.
+                ticks = ticks.wrapping_add(1);
+                if ticks % 10 == 0 {
+                    for cluster in &shared.snapshot.load().clusters {
+                        cluster.pool(index).sweep();
+                    }
+                }
             }
         })
     };

@@ -269,6 +269,45 @@ async fn upstream_connections_closed_while_pooled_are_replaced_unseen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_close_after_idle_timeout_without_traffic() {
+    // An upstream that answers one request as keep-alive, then waits for attache to close.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        // Anything but end-of-file (a second request, say) fails the test below.
+        if let Ok(0) = s.read(&mut buf).await {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
+    let yaml = format!(
+        "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes: [ {{ cluster: a }} ]\nclusters:\n  a: {{ endpoints: [\"{addr}\"], idle_timeout: 300ms }}\n"
+    );
+    let at = Attache::start(&yaml);
+    let got = get(&at.url("main", "/")).await;
+    assert_eq!((got.status, got.text()), (200, "ok".to_owned()));
+    // No more requests: the pooled connection is closed by attache's sweep all the same.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            closed.load(Ordering::SeqCst)
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_on_the_same_port() {
     let up = Upstream::named("a").await;
     let at = Attache::start(&one_cluster(&up, ""));

@@ -172,6 +172,20 @@ impl Pool {
         Some(idle.swap_remove(at).conn)
     }
 
+    /// Drops idle connections past the idle timeout or closed by the upstream (their sockets
+    /// would otherwise linger until the next request to this cluster on this worker).
+    pub fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        idle.retain_mut(|i| {
+            now.duration_since(i.since) < self.idle_timeout && i.conn.reusable(&mut cx)
+        });
+    }
+
     fn put(&self, addr: SocketAddr, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.iter().filter(|i| i.addr == addr).count() < self.max_idle_per_endpoint {
