@@ -64,6 +64,19 @@ async fn http1_keep_alive_reuses_connections_both_sides() {
     );
 }
 
+/// Reads a request head from a raw upstream socket; `None` when the peer closes first.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(got)
+}
+
 /// Reads one HTTP/1.1 response with a content-length body from a raw socket; `buf` carries
 /// bytes read past it. Returns the status line and the body.
 async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, String) {
@@ -237,13 +250,8 @@ async fn upstream_connections_closed_while_pooled_are_replaced_unseen() {
         while let Ok((mut s, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -277,13 +285,8 @@ async fn idle_upstream_connections_close_after_idle_timeout_without_traffic() {
     let flag = closed.clone();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_head(&mut s).await.unwrap();
+        let mut buf = [0u8; 64];
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             .await
             .unwrap();
@@ -746,16 +749,8 @@ async fn raw_upstream(behaviour: &'static str) -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 match behaviour {
                     "reset-before-head" => {

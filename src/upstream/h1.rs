@@ -164,12 +164,17 @@ impl Pool {
         }
     }
 
+    /// The most recently pooled connection to `addr` (the worker's sweep drops expired ones;
+    /// one that expired since is dropped here).
     fn take(&self, addr: SocketAddr) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        idle.retain(|i| now.duration_since(i.since) < self.idle_timeout);
-        let at = idle.iter().rposition(|i| i.addr == addr)?;
-        Some(idle.swap_remove(at).conn)
+        loop {
+            let at = idle.iter().rposition(|i| i.addr == addr)?;
+            let i = idle.swap_remove(at);
+            if i.since.elapsed() < self.idle_timeout {
+                return Some(i.conn);
+            }
+        }
     }
 
     /// Drops idle connections past the idle timeout or closed by the upstream (their sockets
