@@ -1064,7 +1064,8 @@ fn classify_h1(e: &crate::upstream::h1::SendError, endpoint: &Endpoint) -> Proxy
         SendError::Hyper(h) if h.is_parse() || h.is_parse_status() => {
             ProxyError::UpstreamProtocol { endpoint, detail }
         }
-        SendError::Hyper(_) => ProxyError::UpstreamReset { endpoint, detail },
+        SendError::Protocol(_) => ProxyError::UpstreamProtocol { endpoint, detail },
+        SendError::Hyper(_) | SendError::Io(_) => ProxyError::UpstreamReset { endpoint, detail },
     }
 }
 

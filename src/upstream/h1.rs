@@ -2,11 +2,18 @@
 //!
 //! hyper-util's pooled client runs every upstream connection as a task of its own: a request
 //! crosses a channel to that task and its response crosses a oneshot back, two extra task
-//! wake-ups and a shared pool per request. Here the request's task polls the connection
-//! itself, first while waiting for the response head, then from the response body
-//! ([`PooledBody`]), and the connection goes back to this worker's [`Pool`] when the body is
-//! done. hyper's own `client::conn::http1` still does the HTTP/1.1 codec; only the pool and
-//! the driving are ours, because no crate drives a pooled connection from the caller's task.
+//! wake-ups and a shared pool per request. Here the request's task does the connection's I/O
+//! itself, first while waiting for the response head, then from the response body, and the
+//! connection goes back to this worker's [`Pool`] when the body is done.
+//!
+//! Two kinds of connection share the pool's bookkeeping:
+//! - **Wire** connections ([`WireConn`], the request path's common case): a request whose body
+//!   is already in memory (every bodiless request, and every replayable one) is written in
+//!   one `write` and its response read with attache's own codec ([`super::wire`]), with no
+//!   dispatcher, channel or timer in between.
+//! - **hyper** connections ([`HyperConn`]): requests whose body streams from the client
+//!   (read and write at once, `expect: 100-continue`) and upgrades (WebSocket) go through
+//!   hyper's `client::conn::http1`, polled from the request's task too.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,29 +22,46 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::wire::{self, Chunked, Decoded, Framing};
 use super::ReqBody;
+
+/// Bytes reserved for each read from a wire connection.
+const READ_CHUNK: usize = 16 * 1024;
+/// A request body up to this size is copied behind its head and sent in the same write.
+const COALESCE_BODY: usize = 16 * 1024;
 
 /// The connection future (with upgrades: hyper hands the socket to a 101's upgrade). Boxed
 /// because hyper doesn't name its type; one allocation per connection, not per request.
 type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
-/// One upstream connection: the request sender and the connection future that does its I/O.
-struct Conn {
+/// A connection for attache's own codec: the socket and its buffers.
+pub struct WireConn {
+    io: TcpStream,
+    /// Bytes read and not yet consumed (a response head, body bytes, ...).
+    rbuf: BytesMut,
+    /// The request being written.
+    wbuf: Vec<u8>,
+}
+
+/// A hyper connection: the request sender and the connection future that does its I/O.
+struct HyperConn {
     sender: http1::SendRequest<ReqBody>,
     driver: Driver,
     /// The driver future has completed (connection closed or upgraded): never poll it again.
     done: bool,
 }
 
-impl Conn {
+impl HyperConn {
     /// Polls the connection's I/O; false once the connection has ended.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.done && self.driver.as_mut().poll(cx).is_ready() {
@@ -49,6 +73,36 @@ impl Conn {
     /// Whether an idle connection can take a request now (polls it once to find out).
     fn reusable(&mut self, cx: &mut Context<'_>) -> bool {
         self.drive(cx) && self.sender.is_ready()
+    }
+}
+
+enum Conn {
+    Wire(WireConn),
+    Hyper(HyperConn),
+}
+
+impl Conn {
+    /// Whether an idle connection can take a request now: still open, nothing unasked-for
+    /// arrived. Costs no system call while the socket has seen no event.
+    fn reusable(&mut self, cx: &mut Context<'_>) -> bool {
+        match self {
+            Conn::Hyper(c) => c.reusable(cx),
+            Conn::Wire(c) => {
+                if !c.rbuf.is_empty() {
+                    return false;
+                }
+                match c.io.poll_read_ready(cx) {
+                    Poll::Pending => true,
+                    Poll::Ready(Err(_)) => false,
+                    // Readable: end of stream, stray bytes, or a stale event (WouldBlock,
+                    // which also clears the readiness).
+                    Poll::Ready(Ok(())) => matches!(
+                        c.io.try_read(&mut [0u8; 1]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                    ),
+                }
+            }
+        }
     }
 }
 
@@ -71,12 +125,18 @@ pub struct Pool {
 pub enum SendError {
     Connect(String),
     Hyper(hyper::Error),
+    /// The connection failed or closed before a whole response head arrived.
+    Io(std::io::Error),
+    /// The upstream's response broke HTTP/1.1.
+    Protocol(wire::WireError),
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SendError::Connect(e) => write!(f, "connect: {e}"),
+            SendError::Io(e) => write!(f, "{e}"),
+            SendError::Protocol(e) => write!(f, "{e}"),
             SendError::Hyper(e) => {
                 write!(f, "{e}")?;
                 let mut source = std::error::Error::source(e);
@@ -110,11 +170,94 @@ impl Pool {
         addr: SocketAddr,
         req: Request<ReqBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        match req.into_parts() {
+            (parts, Either::Right(full))
+                if !parts.headers.contains_key(http::header::UPGRADE)
+                    && parts.method != Method::CONNECT =>
+            {
+                self.send_wire(addr, parts, full_bytes(full)).await
+            }
+            (parts, body) => {
+                self.send_hyper(addr, Request::from_parts(parts, body))
+                    .await
+            }
+        }
+    }
+
+    /// Sends a request whose body is in memory with attache's own codec.
+    async fn send_wire(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        parts: http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let coalesce = body.len() <= COALESCE_BODY;
+        loop {
+            let (mut conn, reused) = match self.checkout(addr, true).await {
+                Some(Conn::Wire(c)) => (c, true),
+                _ => (self.connect_wire(addr).await?, false),
+            };
+            conn.wbuf.clear();
+            wire::encode_request(
+                &mut conn.wbuf,
+                &parts.method,
+                path,
+                &parts.headers,
+                body.len(),
+            );
+            if coalesce {
+                conn.wbuf.extend_from_slice(&body);
+            }
+            let mut written = conn.io.write_all(&conn.wbuf).await;
+            if written.is_ok() && !coalesce {
+                written = conn.io.write_all(&body).await;
+            }
+            let head = match written {
+                Ok(()) => conn.read_head(&parts.method).await,
+                Err(e) => Err(HeadError::Closed(e)),
+            };
+            match head {
+                Ok(head) => {
+                    let state = match head.framing {
+                        Framing::Empty | Framing::Length(0) => BodyState::Done,
+                        Framing::Length(n) => BodyState::Length(n),
+                        Framing::Chunked => BodyState::Chunked(Chunked::Size),
+                        Framing::Close => BodyState::Close,
+                    };
+                    let mut resp = Response::new(UpstreamBody::Wire(WireBody {
+                        conn: Some(conn),
+                        pool: self.clone(),
+                        addr,
+                        state,
+                        keep_alive: head.keep_alive,
+                    }));
+                    *resp.status_mut() = head.status;
+                    *resp.version_mut() = head.version;
+                    *resp.headers_mut() = head.headers;
+                    return Ok(resp);
+                }
+                // A pooled connection the upstream had closed (the keep-alive race): nothing
+                // of a response came back, so an idempotent request goes again on a fresh
+                // connection (RFC 9110 §9.2.2).
+                Err(HeadError::Closed(_)) if reused && parts.method.is_idempotent() => {}
+                Err(HeadError::Closed(e) | HeadError::Io(e)) => return Err(SendError::Io(e)),
+                Err(HeadError::Protocol(e)) => return Err(SendError::Protocol(e)),
+            }
+        }
+    }
+
+    /// Sends a request with a streamed body, or an upgrade, through hyper.
+    async fn send_hyper(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let mut req = req;
         loop {
-            let (mut conn, reused) = match self.checkout(addr).await {
-                Some(c) => (c, true),
-                None => (self.connect(addr).await?, false),
+            let (mut conn, reused) = match self.checkout(addr, false).await {
+                Some(Conn::Hyper(c)) => (c, true),
+                _ => (self.connect_hyper(addr).await?, false),
             };
             let sent = {
                 let mut fut = std::pin::pin!(conn.sender.try_send_request(req));
@@ -154,22 +297,24 @@ impl Pool {
         }
     }
 
-    /// An idle connection to `addr` that is still open, if any.
-    async fn checkout(&self, addr: SocketAddr) -> Option<Conn> {
+    /// An idle connection of the kind asked for to `addr` that is still open, if any.
+    async fn checkout(&self, addr: SocketAddr, wire: bool) -> Option<Conn> {
         loop {
-            let mut conn = self.take(addr)?;
+            let mut conn = self.take(addr, wire)?;
             if std::future::poll_fn(|cx| Poll::Ready(conn.reusable(cx))).await {
                 return Some(conn);
             }
         }
     }
 
-    /// The most recently pooled connection to `addr` (the worker's sweep drops expired ones;
-    /// one that expired since is dropped here).
-    fn take(&self, addr: SocketAddr) -> Option<Conn> {
+    /// The most recently pooled connection of that kind to `addr` (the worker's sweep drops
+    /// expired ones; one that expired since is dropped here).
+    fn take(&self, addr: SocketAddr, wire: bool) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let at = idle.iter().rposition(|i| i.addr == addr)?;
+            let at = idle
+                .iter()
+                .rposition(|i| i.addr == addr && matches!(i.conn, Conn::Wire(_)) == wire)?;
             let i = idle.swap_remove(at);
             if i.since.elapsed() < self.idle_timeout {
                 return Some(i.conn);
@@ -202,7 +347,7 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Conn, SendError> {
+    async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, SendError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
@@ -213,11 +358,24 @@ impl Pool {
             })?
             .map_err(|e| SendError::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect_wire(&self, addr: SocketAddr) -> Result<WireConn, SendError> {
+        Ok(WireConn {
+            io: self.connect_tcp(addr).await?,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+        })
+    }
+
+    async fn connect_hyper(&self, addr: SocketAddr) -> Result<HyperConn, SendError> {
+        let stream = self.connect_tcp(addr).await?;
         let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Hyper)?;
-        Ok(Conn {
+        Ok(HyperConn {
             sender,
             driver: Box::pin(driver.with_upgrades()),
             done: false,
@@ -225,18 +383,191 @@ impl Pool {
     }
 }
 
-/// A response body from upstream: from a pooled HTTP/1.1 connection, or from hyper-util's
-/// client (HTTP/2 clusters, upgrades).
+/// The bytes of an in-memory body (`Full` yields them at once).
+fn full_bytes(mut full: http_body_util::Full<Bytes>) -> Bytes {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(&mut full).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+/// Why a wire connection gave no response head.
+enum HeadError {
+    /// The connection closed or failed before any byte of a response arrived.
+    Closed(std::io::Error),
+    /// It failed after part of the response arrived.
+    Io(std::io::Error),
+    Protocol(wire::WireError),
+}
+
+impl WireConn {
+    /// Reads more bytes into `rbuf`; `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        std::pin::pin!(self.io.read_buf(&mut self.rbuf)).poll(cx)
+    }
+
+    /// Reads the final response head (1xx heads before it are dropped).
+    async fn read_head(&mut self, method: &Method) -> Result<wire::Head, HeadError> {
+        let mut received = false;
+        loop {
+            if !self.rbuf.is_empty() {
+                match wire::parse_response(&mut self.rbuf, method) {
+                    Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+                        return Err(HeadError::Protocol(wire::WireError(
+                            "101 Switching Protocols to a request that asked for no upgrade".into(),
+                        )));
+                    }
+                    Ok(Some(head)) if head.status.is_informational() => continue,
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(e) => return Err(HeadError::Protocol(e)),
+                }
+            }
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) => {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        if received {
+                            "connection closed in the middle of the response head"
+                        } else {
+                            "connection closed before a response"
+                        },
+                    );
+                    return Err(if received {
+                        HeadError::Io(e)
+                    } else {
+                        HeadError::Closed(e)
+                    });
+                }
+                Ok(_) => received = true,
+                Err(e) if received => return Err(HeadError::Io(e)),
+                Err(e) => return Err(HeadError::Closed(e)),
+            }
+        }
+    }
+}
+
+/// A response body from upstream: read by attache's codec, from a pooled hyper connection,
+/// or from hyper-util's client (HTTP/2 clusters, upgrades).
 pub enum UpstreamBody {
+    Wire(WireBody),
     Pooled(PooledBody),
     Client(Incoming),
 }
 
-/// The body of a response on a pooled connection: polling it drives the connection, and the
-/// connection returns to the pool when the body is done.
+/// Where a wire response body is.
+enum BodyState {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+/// The body of a response read with attache's codec: polling it reads the connection, and
+/// the connection returns to the pool when the body is done.
+pub struct WireBody {
+    /// None once the connection failed (it is closed, not pooled).
+    conn: Option<WireConn>,
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    state: BodyState,
+    keep_alive: bool,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl WireBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let BodyState::Done = self.state {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut self.state {
+                BodyState::Done => {}
+                BodyState::Length(left) => {
+                    if !conn.rbuf.is_empty() {
+                        let n = (conn.rbuf.len() as u64).min(*left);
+                        let data = conn.rbuf.split_to(n as usize).freeze();
+                        *left -= n;
+                        if *left == 0 {
+                            self.state = BodyState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BodyState::Chunked(chunked) => match chunked.decode(&mut conn.rbuf) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Trailers(t)) => {
+                        self.state = BodyState::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::End) => {
+                        self.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => {
+                        self.conn = None;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                },
+                BodyState::Close => {
+                    if !conn.rbuf.is_empty() {
+                        let data = conn.rbuf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            match std::task::ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    self.conn = None;
+                    if let BodyState::Close = self.state {
+                        self.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(
+                        "the upstream closed the connection in the middle of the body".into(),
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for WireBody {
+    fn drop(&mut self) {
+        // Only a connection whose response was read to the end, with nothing after it, can
+        // carry another request.
+        if !self.keep_alive || !matches!(self.state, BodyState::Done) {
+            return;
+        }
+        if let Some(conn) = self.conn.take() {
+            let mut conn = Conn::Wire(conn);
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if conn.reusable(&mut cx) {
+                self.pool.put(self.addr, conn);
+            }
+        }
+    }
+}
+
+/// The body of a response on a pooled hyper connection: polling it drives the connection,
+/// and the connection returns to the pool when the body is done.
 pub struct PooledBody {
     body: Incoming,
-    conn: Option<Conn>,
+    conn: Option<HyperConn>,
     pool: Arc<Pool>,
     addr: SocketAddr,
     /// The body has returned its end.
@@ -245,11 +576,12 @@ pub struct PooledBody {
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
+        let Some(conn) = self.conn.take() else {
             return;
         };
         // Only a connection whose response was read to the end can carry another request.
         if self.ended || self.body.is_end_stream() {
+            let mut conn = Conn::Hyper(conn);
             let mut cx = Context::from_waker(std::task::Waker::noop());
             if conn.reusable(&mut cx) {
                 self.pool.put(self.addr, conn);
@@ -260,14 +592,15 @@ impl Drop for PooledBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Wire(w) => w.poll_frame(cx),
+            UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             UpstreamBody::Pooled(p) => {
                 if let Some(conn) = &mut p.conn {
                     conn.drive(cx);
@@ -276,13 +609,14 @@ impl Body for UpstreamBody {
                 if let Poll::Ready(None) = polled {
                     p.ended = true;
                 }
-                polled
+                polled.map_err(Into::into)
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
+            UpstreamBody::Wire(w) => matches!(w.state, BodyState::Done),
             UpstreamBody::Client(body) => body.is_end_stream(),
             UpstreamBody::Pooled(p) => p.body.is_end_stream(),
         }
@@ -290,6 +624,11 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            UpstreamBody::Wire(w) => match w.state {
+                BodyState::Done => SizeHint::with_exact(0),
+                BodyState::Length(n) => SizeHint::with_exact(n),
+                _ => SizeHint::default(),
+            },
             UpstreamBody::Client(body) => body.size_hint(),
             UpstreamBody::Pooled(p) => p.body.size_hint(),
         }

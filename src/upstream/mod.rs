@@ -5,11 +5,13 @@
 //! definition does not change, so endpoint health, in-flight counts and pooled connections
 //! survive a reload. Each worker thread has its own pools, so pool bookkeeping never crosses
 //! threads: HTTP/1.1 clusters use [`h1::Pool`] (connections driven from the request's own
-//! task), HTTP/2 clusters, health checks and directory lookups hyper-util's pooled client
+//! task, with attache's own codec in `wire` for every request whose body is in memory),
+//! HTTP/2 clusters, health checks and directory lookups hyper-util's pooled client
 //! ([`ClusterState::client`]).
 
 pub mod h1;
 mod health;
+mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
