@@ -51,6 +51,8 @@ pub struct WireConn {
     rbuf: BytesMut,
     /// The request being written.
     wbuf: Vec<u8>,
+    /// Scratch space for parsing response heads.
+    spans: Vec<wire::Span>,
 }
 
 /// A hyper connection: the request sender and the connection future that does its I/O.
@@ -366,6 +368,7 @@ impl Pool {
             io: self.connect_tcp(addr).await?,
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
+            spans: Vec::new(),
         })
     }
 
@@ -415,7 +418,7 @@ impl WireConn {
         let mut received = false;
         loop {
             if !self.rbuf.is_empty() {
-                match wire::parse_response(&mut self.rbuf, method) {
+                match wire::parse_response(&mut self.rbuf, method, &mut self.spans) {
                     Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                         return Err(HeadError::Protocol(wire::WireError(
                             "101 Switching Protocols to a request that asked for no upgrade".into(),

@@ -89,24 +89,34 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
+/// Where one header's name and value lie within a response head.
+pub type Span = (usize, usize, usize, usize);
+
 /// Parses a response head from the front of `buf` and removes it from `buf`; `Ok(None)`
 /// while the head is incomplete. Header values share the head's memory (no copies).
-pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
+/// `spans` is scratch space, kept by the connection so that parsing allocates nothing and
+/// initialises no fixed-size array (the parser's header slots are left uninitialised too).
+pub fn parse_response(
+    buf: &mut BytesMut,
+    method: &Method,
+    spans: &mut Vec<Span>,
+) -> Result<Option<Head>, WireError> {
     // Offsets of each header's name and value within the head, so that values can be
     // sliced out of the frozen head once the parser's borrow of `buf` has ended.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut raw);
+    spans.clear();
+    let mut raw = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
     let base = buf.as_ptr() as usize;
-    let (len, code, minor, count) = match res.parse(buf) {
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut raw);
+    let (len, code, minor) = match parsed {
         Ok(httparse::Status::Complete(len)) => {
-            let count = res.headers.len();
-            for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+            for h in res.headers.iter() {
                 let name = h.name.as_ptr() as usize - base;
                 let value = h.value.as_ptr() as usize - base;
-                *span = (name, name + h.name.len(), value, value + h.value.len());
+                spans.push((name, name + h.name.len(), value, value + h.value.len()));
             }
-            (len, res.code.unwrap_or(0), res.version.unwrap_or(1), count)
+            (len, res.code.unwrap_or(0), res.version.unwrap_or(1))
         }
         Ok(httparse::Status::Partial) => {
             if buf.len() > MAX_HEAD_BYTES {
@@ -127,11 +137,11 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(count);
+    let mut headers = HeaderMap::with_capacity(spans.len());
     let mut keep_alive = version == Version::HTTP_11;
     let mut length: Option<u64> = None;
     let mut chunked = None;
-    for &(ns, ne, vs, ve) in &spans[..count] {
+    for &(ns, ne, vs, ve) in spans.iter() {
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| WireError("invalid response header name".into()))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
@@ -356,7 +366,7 @@ mod tests {
 
     fn parse(text: &str, method: Method) -> Result<Option<Head>, WireError> {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_response(&mut buf, &method)
+        parse_response(&mut buf, &method, &mut Vec::new())
     }
 
     #[test]
