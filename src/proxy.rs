@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -48,6 +48,14 @@ pub struct ConnCtx {
     /// is in progress, `PARK_ARMED` once a bodiless request's response is complete,
     /// `PARK_PARKED` once the listener has answered hyper's idle read with end-of-file.
     pub park: AtomicU8,
+    /// The connection's task, woken when parking is armed after hyper's last read.
+    pub park_waker: futures_util::task::AtomicWaker,
+    /// When the connection was accepted: the origin of `idle_since_ms`.
+    epoch: Instant,
+    /// Requests of this connection in progress (head read, response not yet complete).
+    in_flight: AtomicU32,
+    /// Milliseconds after `epoch` when the connection last had nothing in progress.
+    idle_since_ms: AtomicU64,
 }
 
 pub const PARK_BUSY: u8 = 0;
@@ -65,7 +73,27 @@ impl ConnCtx {
             client,
             client_ip,
             park: AtomicU8::new(PARK_BUSY),
+            park_waker: futures_util::task::AtomicWaker::new(),
+            epoch: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Notes that the connection has nothing in progress as of `now`.
+    pub fn idle_from(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.idle_since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the wait for the next request head runs out (`timeout` after the connection last
+    /// went idle); `None` while a request is in progress.
+    pub fn idle_deadline(&self, timeout: std::time::Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let since = std::time::Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed));
+        Some(self.epoch + since + timeout)
     }
 }
 
@@ -1125,6 +1153,7 @@ pub struct Completion {
 impl Completion {
     fn new(conn: Arc<ConnCtx>, snap: Arc<Snapshot>, req: &Request<Incoming>) -> Completion {
         let start = Instant::now();
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
         let path = (conn.shared.access_log.enabled() || conn.shared.recent.watched_at(start))
             .then(|| req.uri().path().to_owned());
         Completion {
@@ -1156,14 +1185,20 @@ impl Drop for Completion {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 > listener.park_idle_above
         {
-            let _ = self.conn.park.compare_exchange(
+            let armed = self.conn.park.compare_exchange(
                 PARK_BUSY,
                 PARK_ARMED,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
             );
+            if armed.is_ok() {
+                self.conn.park_waker.wake();
+            }
         }
-        let elapsed = self.start.elapsed();
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.start);
+        self.conn.idle_from(now);
+        self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(r) = self.route {
             let stats = &self.snap.listeners[self.conn.listener].routes[r];
             stats.responses[class_index(self.status)].inc();

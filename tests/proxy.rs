@@ -831,7 +831,14 @@ async fn upstream_reset_and_hang_get_their_status_within_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431_and_slow_clients_are_cut_off() {
-    let up = Upstream::named("a").await;
+    let up = Upstream::start(|req| async move {
+        if req.uri().path() == "/slow" {
+            // An upstream slower than the header timeout (simulated latency).
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        text(200, "a")
+    })
+    .await;
     let yaml = format!(
         "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    max_header_bytes: 8192\n    header_read_timeout: 300ms\n    routes: [ {{ cluster: a }} ]\nclusters:\n  a: {{ endpoints: [\"{}\"] }}\n",
         up.addr
@@ -860,6 +867,31 @@ async fn oversized_headers_get_431_and_slow_clients_are_cut_off() {
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert_eq!(up.hits(), 0);
+
+    // A request slower than the header timeout is not cut (the timeout runs only while the
+    // connection waits for a head), and the idle keep-alive connection after it closes once
+    // the timeout has passed.
+    let mut s = tokio::net::TcpStream::connect(at.listeners["main"])
+        .await
+        .unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "a"));
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    let idle = t.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(3),
+        "{idle:?}"
+    );
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(up.hits(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

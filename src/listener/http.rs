@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
@@ -45,9 +45,10 @@ pub struct Builders {
 
 /// The connection builders for a listener: HTTP/1.1 and h2c (prior knowledge) on one port.
 pub fn builders(listener: &Listener) -> Builders {
+    // No hyper header-read timer: it costs a boxed timer armed and disarmed per request.
+    // `serve_draining` checks the same deadline with one lazy timer per connection.
     let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(listener.header_read_timeout)
+    h1.header_read_timeout(None)
         .max_buf_size(listener.max_header_bytes)
         .keep_alive(true);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
@@ -146,8 +147,8 @@ async fn connection(
         let service = service_fn(move |req| proxy::handle(req, ctx.clone()));
         // Boxed: inline, hyper's HTTP/2 connection would size every connection's task.
         let mut conn = Box::pin(builders.h2.serve_connection(io, service));
-        let result = serve_draining(&mut conn, &drain, |c| c.as_mut().graceful_shutdown()).await;
-        if let Err(e) = result {
+        let result = serve_draining(&mut conn, &drain, |c| c.as_mut().graceful_shutdown(), None);
+        if let Some(Err(e)) = result.await {
             tracing::debug!(error = %e, "client connection ended with an error");
         }
         return;
@@ -162,6 +163,7 @@ async fn connection(
             }
         }
         ctx.park.store(proxy::PARK_BUSY, Ordering::Relaxed);
+        ctx.idle_from(Instant::now());
         let io = TokioIo::new(ClientIo::new(stream, prefix, ctx.clone(), true));
         let service = {
             let ctx = ctx.clone();
@@ -173,7 +175,17 @@ async fn connection(
         };
         // Boxed so that a parked connection's task doesn't keep room for hyper's state.
         let mut conn = Box::new(builders.h1.serve_connection(io, service).with_upgrades());
-        let result = serve_draining(&mut *conn, &drain, |c| Pin::new(c).graceful_shutdown()).await;
+        let idle = Some((&*ctx, builders.idle_timeout));
+        let result = serve_draining(
+            &mut *conn,
+            &drain,
+            |c| Pin::new(c).graceful_shutdown(),
+            idle,
+        );
+        let Some(result) = result.await else {
+            tracing::debug!("client connection closed: no request head within the timeout");
+            return;
+        };
         if ctx.park.load(Ordering::Relaxed) != proxy::PARK_PARKED {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "client connection ended with an error");
@@ -202,7 +214,17 @@ async fn connection(
 /// flight and close. The drain's change future is polled once, to leave this task's waker
 /// with the channel; after that each wake-up reads only the channel's version (re-polling the
 /// future would take the channel's lock on every wake-up of a busy connection).
-async fn serve_draining<C, G>(conn: &mut C, drain: &watch::Receiver<bool>, graceful: G) -> C::Output
+///
+/// With `idle` (HTTP/1.1), the connection also ends, returning `None`, when no request head
+/// has arrived within the timeout since it last went idle (keep-alive timeout and slow-head
+/// cut-off at once). One timer per connection, checked lazily: when it fires, it is moved to
+/// the current deadline unless that has passed, so requests never touch it.
+async fn serve_draining<C, G>(
+    conn: &mut C,
+    drain: &watch::Receiver<bool>,
+    graceful: G,
+    idle: Option<(&ConnCtx, Duration)>,
+) -> Option<C::Output>
 where
     C: Future + Unpin,
     G: Fn(&mut C),
@@ -210,6 +232,8 @@ where
     let mut watcher = drain.clone();
     let mut changed = std::pin::pin!(watcher.changed());
     let (mut registered, mut draining) = (false, false);
+    let first = idle.map_or(Duration::MAX, |(_, t)| t);
+    let mut timer = std::pin::pin!(tokio::time::sleep(first.min(Duration::from_secs(86_400))));
     std::future::poll_fn(|cx| {
         if !draining {
             draining = if registered {
@@ -222,7 +246,17 @@ where
                 graceful(&mut *conn);
             }
         }
-        Pin::new(&mut *conn).poll(cx)
+        if let Some((ctx, timeout)) = idle {
+            while timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                match ctx.idle_deadline(timeout) {
+                    Some(deadline) if deadline <= now => return Poll::Ready(None),
+                    Some(deadline) => timer.as_mut().reset(deadline.into()),
+                    None => timer.as_mut().reset((now + timeout).into()),
+                }
+            }
+        }
+        Pin::new(&mut *conn).poll(cx).map(Some)
     })
     .await
 }
@@ -317,6 +351,14 @@ impl AsyncRead for ClientIo {
                         .is_ok() =>
             {
                 Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                // Busy: if the response completes after this read (hyper reads ahead while it
+                // writes), the completion wakes this task to read again, and park.
+                if this.parkable {
+                    this.ctx.park_waker.register(cx.waker());
+                }
+                Poll::Pending
             }
             other => other,
         }
