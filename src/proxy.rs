@@ -1001,6 +1001,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !connection && !other {
         return;
     }
+    if connection && !keep_upgrade {
+        // The usual case, `connection: keep-alive` or `close` naming no other header: one
+        // lookup removes it.
+        if let http::header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
+            let plain = e.iter().all(|v| {
+                let v = v.as_bytes();
+                v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+            });
+            if plain {
+                e.remove();
+                connection = false;
+            }
+        }
+    }
     if connection {
         let listed = headers.get(header::CONNECTION).cloned();
         if let Some(list) = listed.as_ref().and_then(|v| v.to_str().ok()) {
@@ -1354,6 +1368,16 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(names(&h), ["connection", "te", "upgrade"]);
         assert_eq!(h["connection"], "upgrade");
+
+        // The usual upstream answer: `connection: keep-alive` (twice here) and its timeouts.
+        let mut h = headers(&[
+            ("connection", "keep-alive"),
+            ("Connection", "CLOSE"),
+            ("keep-alive", "timeout=5"),
+            ("content-length", "3"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names(&h), ["content-length"]);
 
         // Nothing to strip: nothing changes.
         let mut h = headers(&[("host", "a"), ("accept", "*/*")]);
