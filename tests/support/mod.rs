@@ -321,6 +321,24 @@ pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Got {
         .unwrap()
 }
 
+/// GETs `url` on a fresh connection and expects the response to be cut short: either its
+/// head (already on its way) and a body that fails, or, when the failure lands before the
+/// head was flushed, the connection closed before any response. Panics on a whole response.
+pub async fn get_cut_short(url: &str) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let resp = client
+        .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+        .await;
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), 200, "the head was already sent");
+        assert!(
+            resp.into_body().collect().await.is_err(),
+            "the client sees the body cut short"
+        );
+    }
+}
+
 /// Polls `f` until it returns true or `within` passes; returns whether it did.
 pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
 where
