@@ -524,4 +524,51 @@ mod tests {
             assert!(decode_all(bad, 64).is_err(), "{bad:?}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn chunked(chunks: &[Vec<u8>], ext: bool) -> Vec<u8> {
+            let mut out = Vec::new();
+            for c in chunks {
+                out.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+                if ext {
+                    out.extend_from_slice(b";name=value");
+                }
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(c);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn chunked_bodies_round_trip_whatever_the_chunks_and_reads(
+                chunks in proptest::collection::vec(
+                    proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+                ext in any::<bool>(),
+                split in 1usize..97,
+            ) {
+                let input = chunked(&chunks, ext);
+                let (body, trailers) = decode_all(&input, split).unwrap();
+                prop_assert_eq!(body, chunks.concat());
+                prop_assert!(trailers.is_none());
+            }
+
+            #[test]
+            fn arbitrary_bytes_are_refused_or_parsed_never_a_panic(
+                data in proptest::collection::vec(any::<u8>(), 0..600),
+                prefix in any::<bool>(),
+            ) {
+                let mut text = if prefix { b"HTTP/1.1 200 OK\r\n".to_vec() } else { Vec::new() };
+                text.extend_from_slice(&data);
+                let mut buf = BytesMut::from(&text[..]);
+                let _ = parse_response(&mut buf, &Method::GET, &mut Vec::new());
+                let _ = decode_all(&data, 13);
+            }
+        }
+    }
 }
