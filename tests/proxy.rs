@@ -83,14 +83,7 @@ async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (Str
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().unwrap())
-                })
-                .unwrap();
+            let len = content_length(&head).unwrap();
             while buf.len() < end + 4 + len {
                 let mut chunk = [0u8; 4096];
                 let n = s.read(&mut chunk).await.unwrap();

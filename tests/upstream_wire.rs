@@ -79,14 +79,7 @@ async fn scripted_upstream() -> (std::net::SocketAddr, Arc<Seen>) {
                         }
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
+                    let len = content_length(&head).unwrap_or(0);
                     while buf.len() < end + len {
                         let mut chunk = [0u8; 4096];
                         match s.read(&mut chunk).await {

@@ -321,6 +321,15 @@ pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Got {
         .unwrap()
 }
 
+/// The content-length of a raw HTTP/1.1 head, if it has one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().unwrap())
+    })
+}
+
 /// GETs `url` on a fresh connection and expects the response to be cut short: either its
 /// head (already on its way) and a body that fails, or, when the failure lands before the
 /// head was flushed, the connection closed before any response. Panics on a whole response.
