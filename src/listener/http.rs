@@ -234,6 +234,7 @@ where
     let (mut registered, mut draining) = (false, false);
     let first = idle.map_or(Duration::MAX, |(_, t)| t);
     let mut timer = std::pin::pin!(tokio::time::sleep(first.min(Duration::from_secs(86_400))));
+    let mut timer_polled = false;
     std::future::poll_fn(|cx| {
         if !draining {
             draining = if registered {
@@ -247,13 +248,19 @@ where
             }
         }
         if let Some((ctx, timeout)) = idle {
-            while timer.as_mut().poll(cx).is_ready() {
+            if !timer_polled {
+                // Registers the timer with this task; later wake-ups only read its state.
+                timer_polled = true;
+                let _ = timer.as_mut().poll(cx);
+            }
+            while timer.is_elapsed() {
                 let now = Instant::now();
                 match ctx.idle_deadline(timeout) {
                     Some(deadline) if deadline <= now => return Poll::Ready(None),
                     Some(deadline) => timer.as_mut().reset(deadline.into()),
                     None => timer.as_mut().reset((now + timeout).into()),
                 }
+                let _ = timer.as_mut().poll(cx); // registers the moved timer
             }
         }
         Pin::new(&mut *conn).poll(cx).map(Some)
