@@ -232,8 +232,8 @@ where
     let mut watcher = drain.clone();
     let mut changed = std::pin::pin!(watcher.changed());
     let (mut registered, mut draining) = (false, false);
-    let first = idle.map_or(Duration::MAX, |(_, t)| t);
-    let mut timer = std::pin::pin!(tokio::time::sleep(first.min(Duration::from_secs(86_400))));
+    // HTTP/1.1 only: HTTP/2 streams bring their own deadlines.
+    let mut timer = std::pin::pin!(idle.map(|(_, timeout)| tokio::time::sleep(timeout)));
     let mut timer_polled = false;
     std::future::poll_fn(|cx| {
         if !draining {
@@ -247,7 +247,7 @@ where
                 graceful(&mut *conn);
             }
         }
-        if let Some((ctx, timeout)) = idle {
+        if let (Some((ctx, timeout)), Some(mut timer)) = (idle, timer.as_mut().as_pin_mut()) {
             if !timer_polled {
                 // Registers the timer with this task; later wake-ups only read its state.
                 timer_polled = true;
