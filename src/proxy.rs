@@ -19,7 +19,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::Incoming;
 
 use crate::upstream::h1::UpstreamBody;
 use hyper_util::rt::TokioIo;
@@ -44,9 +43,10 @@ pub struct ConnCtx {
     pub client: SocketAddr,
     /// The client IP as a header value, made once per connection.
     pub client_ip: HeaderValue,
-    /// Whether the connection may park (see `listener::http`): `PARK_BUSY` while a request
-    /// is in progress, `PARK_ARMED` once a bodiless request's response is complete,
-    /// `PARK_PARKED` once the listener has answered hyper's idle read with end-of-file.
+    /// Whether hyper may hand the connection back to attache's HTTP/1.1 server (see
+    /// `listener::http`): `PARK_BUSY` while a request is in progress, `PARK_ARMED` once a
+    /// bodiless request's response is complete, `PARK_PARKED` once the listener has answered
+    /// hyper's idle read with end-of-file.
     pub park: AtomicU8,
     /// The connection's task, woken when parking is armed after hyper's last read.
     pub park_waker: futures_util::task::AtomicWaker,
@@ -97,9 +97,45 @@ impl ConnCtx {
     }
 }
 
+/// A request body from the client: none (what attache's own HTTP/1.1 server passes on: it
+/// leaves requests with bodies to hyper), or hyper's stream.
+pub enum ClientBody {
+    Empty,
+    Hyper(hyper::body::Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// Handles one request: never fails, every error becomes a response.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = conn.shared.snapshot.load_full();
@@ -157,7 +193,7 @@ pub type RespInner = Either<UpstreamBody, Full<Bytes>>;
 
 /// The request path. Returns the upstream's response or the error attache answers with.
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     snap: &Snapshot,
     done: &mut Completion,
 ) -> Result<Response<RespInner>, ProxyError> {
@@ -296,7 +332,7 @@ fn rate_limit(
 
 /// A request body as kept for tries: streamed once, or buffered for replays.
 enum TryBody {
-    Stream(Option<Incoming>),
+    Stream(Option<ClientBody>),
     Replay(Bytes),
 }
 
@@ -305,7 +341,7 @@ enum TryBody {
 /// the retry decision (policy, budget, deadline). Never leaves the targets.
 #[allow(clippy::too_many_arguments)]
 async fn execute(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     snap: &Snapshot,
     route: &Route,
     forwarded: &Forwarded,
@@ -445,19 +481,38 @@ async fn execute(
             _ => None,
         };
         let try_started = shard_id.map(|_| Instant::now());
-        let sent = send_hedged(
-            req,
-            hedge,
-            snap,
-            cluster_id,
-            key,
-            &endpoint,
-            route,
-            forwarded,
-            conn,
-            try_timeout,
-        )
-        .await;
+        let sent = match hedge {
+            None => {
+                let endpoint = endpoint.clone();
+                send_one(
+                    req,
+                    snap,
+                    cluster_id,
+                    endpoint,
+                    route,
+                    forwarded,
+                    conn,
+                    try_timeout,
+                )
+                .await
+            }
+            // Boxed: a hedged try holds two tries and a timer; only hedging routes pay for it.
+            Some(hedge) => {
+                Box::pin(send_hedged(
+                    req,
+                    hedge,
+                    snap,
+                    cluster_id,
+                    key,
+                    &endpoint,
+                    route,
+                    forwarded,
+                    conn,
+                    try_timeout,
+                ))
+                .await
+            }
+        };
         let stats = shard_id.and_then(|id| match targets {
             Targets::Shards { set, .. } => Some(&snap.shard_stats[set][id]),
             Targets::Cluster(_) => None,
@@ -622,12 +677,12 @@ impl Sent {
     }
 }
 
-/// One try, and when hedging is on, a second try to another endpoint after the delay; the
-/// first good answer wins and the other is dropped (cancelled).
+/// One try, and a second try to another endpoint after the delay; the first good answer wins
+/// and the other is dropped (cancelled).
 #[allow(clippy::too_many_arguments)]
 async fn send_hedged(
     req: Request<ReqBody>,
-    hedge: Option<(std::time::Duration, Request<ReqBody>)>,
+    (delay, second): (std::time::Duration, Request<ReqBody>),
     snap: &Snapshot,
     cluster_id: usize,
     key: Option<u64>,
@@ -647,9 +702,6 @@ async fn send_hedged(
         conn,
         timeout,
     );
-    let Some((delay, second)) = hedge else {
-        return primary.await;
-    };
     tokio::pin!(primary);
     tokio::select! {
         sent = &mut primary => return sent,
@@ -1160,12 +1212,12 @@ pub struct Completion {
     /// Tries sent upstream (retries and hedges included).
     pub(crate) attempts: u32,
     /// A request without a body (and not CONNECT): once its response is complete, the client
-    /// connection has nothing in progress and may park.
+    /// connection has nothing in progress, and hyper may hand it back.
     may_park: bool,
 }
 
 impl Completion {
-    fn new(conn: Arc<ConnCtx>, snap: Arc<Snapshot>, req: &Request<Incoming>) -> Completion {
+    fn new(conn: Arc<ConnCtx>, snap: Arc<Snapshot>, req: &Request<ClientBody>) -> Completion {
         let start = Instant::now();
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
         let path = (conn.shared.access_log.enabled() || conn.shared.recent.watched_at(start))
@@ -1193,12 +1245,7 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         let listener = &self.snap.config.listeners[self.conn.listener];
-        if self.may_park
-            && self.status != 101
-            && self.conn.shared.connections[self.conn.listener]
-                .load(std::sync::atomic::Ordering::Relaxed)
-                > listener.park_idle_above
-        {
+        if self.may_park && self.status != 101 {
             let armed = self.conn.park.compare_exchange(
                 PARK_BUSY,
                 PARK_ARMED,
@@ -1335,6 +1382,19 @@ mod tests {
             );
         }
         h
+    }
+
+    /// Every request's future is allocated (and moved) whole, whatever path it takes: rare
+    /// paths (hedging, scatter-gather, hyper's client) are boxed so that they don't size it.
+    #[test]
+    fn the_request_future_stays_small() {
+        let yaml = "admin: { address: \"127.0.0.1:0\" }\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes: [ { cluster: a } ]\nclusters:\n  a: { endpoints: [\"127.0.0.1:1\"] }\n";
+        let cfg = crate::config::Config::parse(yaml, std::path::Path::new("x.yaml")).unwrap();
+        let shared = Shared::new(cfg, "x.yaml".into(), 1, crate::telemetry::AccessLog::Off);
+        let ctx = Arc::new(ConnCtx::new(shared, 0, 0, "127.0.0.1:1".parse().unwrap()));
+        let f = handle(Request::new(ClientBody::Empty), ctx);
+        let size = std::mem::size_of_val(&f);
+        assert!(size < 8 * 1024, "request future: {size} bytes");
     }
 
     fn names(h: &HeaderMap) -> Vec<&str> {

@@ -218,7 +218,7 @@ async fn worker(
                 // About once a second: close this worker's expired or dead idle upstream
                 // connections even when no request comes to check them out.
                 ticks = ticks.wrapping_add(1);
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     for cluster in &shared.snapshot.load().clusters {
                         cluster.pool(index).sweep();
                     }

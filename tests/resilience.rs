@@ -139,7 +139,7 @@ async fn retry_after_is_honoured() {
         let i = c.fetch_add(1, Ordering::SeqCst);
         let long = req.uri().path() == "/long";
         async move {
-            let mut r = text(if i % 2 == 0 { 503 } else { 200 }, "x");
+            let mut r = text(if i.is_multiple_of(2) { 503 } else { 200 }, "x");
             r.headers_mut().insert(
                 "retry-after",
                 if long { "120" } else { "0" }.parse().unwrap(),

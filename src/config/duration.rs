@@ -37,13 +37,13 @@ pub fn format_duration(d: Duration) -> String {
     let micros = d.as_micros();
     if micros == 0 {
         "0s".to_owned()
-    } else if micros % 3_600_000_000 == 0 {
+    } else if micros.is_multiple_of(3_600_000_000) {
         format!("{}h", micros / 3_600_000_000)
-    } else if micros % 60_000_000 == 0 {
+    } else if micros.is_multiple_of(60_000_000) {
         format!("{}m", micros / 60_000_000)
-    } else if micros % 1_000_000 == 0 {
+    } else if micros.is_multiple_of(1_000_000) {
         format!("{}s", micros / 1_000_000)
-    } else if micros % 1_000 == 0 {
+    } else if micros.is_multiple_of(1_000) {
         format!("{}ms", micros / 1_000)
     } else {
         format!("{micros}us")

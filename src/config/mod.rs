@@ -101,12 +101,12 @@ pub struct Listener {
     pub kind: ListenerKind,
     pub max_connections: usize,
     /// While the listener holds more connections than this, an idle HTTP/1.1 connection parks:
-    /// it releases hyper's buffers (about 17 KiB) until the client sends again. Below it,
-    /// connections keep them and save the few µs a park and wake-up cost.
+    /// it releases its buffers (a 4 KiB read buffer and the response head's) until the client
+    /// sends again. Below it, connections keep them and save an allocation per request.
     pub park_idle_above: usize,
     /// Time allowed for a request head to arrive. For HTTP/1.1 it also bounds how long an idle
-    /// keep-alive connection waits for its next request (hyper starts the timer when it waits
-    /// for a head).
+    /// keep-alive connection waits for its next request (the timer runs while the connection
+    /// has no request in progress).
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
 }

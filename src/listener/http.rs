@@ -1,25 +1,28 @@
 //! The HTTP accept loop of one listener on one worker, and the life of each client connection:
-//! protocol detection (HTTP/1.1, or h2c with prior knowledge), serving, parking and draining.
+//! protocol detection (HTTP/1.1, or h2c with prior knowledge), serving, hand-overs and draining.
 //!
-//! **Parking.** hyper keeps about 17 KiB per HTTP/1.1 connection for the connection's whole
-//! life (an 8 KiB read buffer, an 8 KiB header write buffer, the dispatcher). A sidecar holds
-//! many idle keep-alive connections, so when an HTTP/1.1 connection goes idle after a response
-//! attache ends hyper's connection without closing the socket ("parks" it) and keeps only the
-//! socket and a timer until the client sends again; then a new hyper connection takes over,
-//! with any bytes hyper had read ahead. The trick: once the response is complete, [`ClientIo`]
-//! answers hyper's next read that would block with end-of-file, which hyper treats as a clean
-//! close between requests, and it skips the socket shutdown that would follow. hyper has no
-//! hook to release its buffers, hence this.
+//! **HTTP/1.1** is served by attache's own server side ([`super::h1`]) for the common case, a
+//! bodiless request, and by hyper's server for everything else (bodies, upgrades, `expect`,
+//! HTTP/1.0, heads that do not parse). [`super::h1`] stops at the first request it does not
+//! take, leaving it unread in the buffer; a hyper connection starts on those bytes and serves
+//! until the connection is idle again after a bodiless request, then hands the socket back.
+//! The hand-back: once that response is complete, [`ClientIo`] answers hyper's next read that
+//! would block with end-of-file, which hyper treats as a clean close between requests, and it
+//! skips the socket shutdown that would follow (hyper has no other way to give a connection
+//! back). An idle connection on a listener with more than `park_idle_above` connections keeps
+//! no buffers ("parked"), only its socket.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use http::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,8 +30,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::h1;
 use crate::config::Listener;
-use crate::proxy::{self, ConnCtx};
+use crate::proxy::{self, ClientBody, ConnCtx};
 use crate::state::Shared;
 use crate::telemetry::ListenerStats;
 
@@ -41,6 +45,7 @@ pub struct Builders {
     h2: http2::Builder<TokioExecutor>,
     /// How long an idle HTTP/1.1 connection may wait for its next request.
     idle_timeout: Duration,
+    limits: h1::Limits,
 }
 
 /// The connection builders for a listener: HTTP/1.1 and h2c (prior knowledge) on one port.
@@ -58,6 +63,10 @@ pub fn builders(listener: &Listener) -> Builders {
         h1,
         h2,
         idle_timeout: listener.header_read_timeout,
+        limits: h1::Limits {
+            max_head: listener.max_header_bytes,
+            park_above: listener.park_idle_above,
+        },
     }
 }
 
@@ -139,12 +148,14 @@ async fn connection(
     mut drain: watch::Receiver<bool>,
     stats: &ListenerStats,
 ) {
-    let Some(mut prefix) = sniff(&mut stream, &builders, &mut drain).await else {
+    let Some(mut buf) = sniff(&mut stream, &builders, &mut drain).await else {
         return;
     };
-    if prefix.starts_with(H2_PREFACE) {
-        let io = TokioIo::new(ClientIo::new(stream, prefix, ctx.clone(), false));
-        let service = service_fn(move |req| proxy::handle(req, ctx.clone()));
+    if buf.starts_with(H2_PREFACE) {
+        let io = TokioIo::new(ClientIo::new(stream, buf.freeze(), ctx.clone(), false));
+        let service = service_fn(move |req: Request<Incoming>| {
+            proxy::handle(req.map(ClientBody::Hyper), ctx.clone())
+        });
         // Boxed: inline, hyper's HTTP/2 connection would size every connection's task.
         let mut conn = Box::pin(builders.h2.serve_connection(io, service));
         let result = serve_draining(&mut conn, &drain, |c| c.as_mut().graceful_shutdown(), None);
@@ -153,29 +164,50 @@ async fn connection(
         }
         return;
     }
-    let mut parked = false;
+    let idle = Some((&*ctx, builders.idle_timeout));
     loop {
-        if parked {
-            let woke = !prefix.is_empty() || wait_readable(&stream, &builders, &mut drain).await;
-            stats.parked_connections.dec();
-            if !woke {
+        // attache's own HTTP/1.1 server, until a request needs hyper's.
+        let draining = AtomicBool::new(false);
+        let served = {
+            let mut own = std::pin::pin!(h1::serve(
+                &mut stream,
+                &mut buf,
+                &ctx,
+                &builders.limits,
+                &draining,
+                stats
+            ));
+            let graceful = |_: &mut _| draining.store(true, Ordering::Relaxed);
+            serve_draining(&mut own, &drain, graceful, idle).await
+        };
+        match served {
+            None => {
+                tracing::debug!("client connection closed: no request head within the timeout");
                 return;
             }
+            Some(h1::Served::Close) => return,
+            Some(h1::Served::Hyper) => {}
         }
+
+        // hyper's server, from the first byte of the request attache left to it, until the
+        // connection is idle after a bodiless request.
         ctx.park.store(proxy::PARK_BUSY, Ordering::Relaxed);
-        ctx.idle_from(Instant::now());
-        let io = TokioIo::new(ClientIo::new(stream, prefix, ctx.clone(), true));
+        let io = TokioIo::new(ClientIo::new(
+            stream,
+            buf.split().freeze(),
+            ctx.clone(),
+            true,
+        ));
         let service = {
             let ctx = ctx.clone();
-            service_fn(move |req| {
+            service_fn(move |req: Request<Incoming>| {
                 // hyper calls this as soon as it has read a head, before it reads again.
                 ctx.park.store(proxy::PARK_BUSY, Ordering::Relaxed);
-                proxy::handle(req, ctx.clone())
+                proxy::handle(req.map(ClientBody::Hyper), ctx.clone())
             })
         };
-        // Boxed so that a parked connection's task doesn't keep room for hyper's state.
+        // Boxed so that the connection's task doesn't keep room for hyper's state.
         let mut conn = Box::new(builders.h1.serve_connection(io, service).with_upgrades());
-        let idle = Some((&*ctx, builders.idle_timeout));
         let result = serve_draining(
             &mut *conn,
             &drain,
@@ -192,21 +224,14 @@ async fn connection(
             }
             return;
         }
-        // Parked: hyper stopped at our end-of-file between two requests. An error here is
-        // hyper finding a partly read head (pipelining); the bytes are in `read_buf`.
+        // Handed back: hyper stopped at our end-of-file between two requests. An error here
+        // is hyper finding a partly read head (pipelining); the bytes are in `read_buf`.
         let Some(parts) = conn.into_parts() else {
             return; // upgraded
         };
         let io = parts.io.into_inner();
         stream = io.stream;
-        // Copied: even an empty slice of hyper's read buffer keeps its 8 KiB alive.
-        prefix = if parts.read_buf.is_empty() {
-            Bytes::new()
-        } else {
-            Bytes::copy_from_slice(&parts.read_buf)
-        };
-        parked = true;
-        stats.parked_connections.inc();
+        buf.extend_from_slice(&parts.read_buf);
     }
 }
 
@@ -274,12 +299,18 @@ async fn sniff(
     stream: &mut TcpStream,
     builders: &Builders,
     drain: &mut watch::Receiver<bool>,
-) -> Option<Bytes> {
-    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+) -> Option<BytesMut> {
+    if !wait_readable(stream, builders, drain).await {
+        return None;
+    }
+    // Allocated once the client has sent: room for a whole head, read in one go.
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut ready = true;
     while buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) {
-        if !wait_readable(stream, builders, drain).await {
+        if !ready && !wait_readable(stream, builders, drain).await {
             return None;
         }
+        ready = false;
         match stream.try_read_buf(&mut buf) {
             Ok(0) => return None,
             Ok(_) => {}
@@ -287,7 +318,7 @@ async fn sniff(
             Err(_) => return None,
         }
     }
-    Some(buf.freeze())
+    Some(buf)
 }
 
 /// Waits until the client sends; false when it stays silent for the idle timeout, when the

@@ -1,6 +1,7 @@
 //! Listeners: binding (one SO_REUSEPORT socket per worker), the HTTP accept loop (HTTP/1.1
 //! and h2c on one port, upgrades) and the TCP accept loop.
 
+pub mod h1;
 pub mod http;
 pub mod tcp;
 

@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::proxy::ClientBody;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
@@ -25,7 +25,7 @@ pub const PARTIAL_HEADER: &str = "x-attache-partial";
 /// Handles a batch request on a shard-set route.
 #[allow(clippy::too_many_arguments)]
 pub async fn gather(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     snap: &Snapshot,
     set_id: usize,
     route: &Route,
@@ -264,7 +264,7 @@ fn sub_request(
     batch: &Batch,
     keys: &[&str],
     body_json: Option<&Value>,
-) -> Result<Request<Either<Incoming, Full<Bytes>>>, ProxyError> {
+) -> Result<Request<Either<ClientBody, Full<Bytes>>>, ProxyError> {
     let mut headers = parts.headers.clone();
     headers.remove(http::header::CONTENT_LENGTH);
     let (uri, body) = match (&batch.keys, body_json) {

@@ -179,9 +179,9 @@ impl Pool {
             {
                 self.send_wire(addr, parts, full_bytes(full)).await
             }
+            // Boxed: hyper's client state would size every request's future.
             (parts, body) => {
-                self.send_hyper(addr, Request::from_parts(parts, body))
-                    .await
+                Box::pin(self.send_hyper(addr, Request::from_parts(parts, body))).await
             }
         }
     }
@@ -198,7 +198,8 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.checkout(addr, true).await {
                 Some(Conn::Wire(c)) => (c, true),
-                _ => (self.connect_wire(addr).await?, false),
+                // Boxed: connecting (with its timer) is the rare case.
+                _ => (Box::pin(self.connect_wire(addr)).await?, false),
             };
             conn.wbuf.clear();
             wire::encode_request(

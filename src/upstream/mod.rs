@@ -17,11 +17,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::proxy::ClientBody;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::Authority;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
@@ -33,7 +33,7 @@ use crate::telemetry::ClusterStats;
 pub use health::spawn_background;
 
 /// A request body as sent upstream: streamed from the client, or replayed from a buffer.
-pub type ReqBody = Either<Incoming, Full<Bytes>>;
+pub type ReqBody = Either<ClientBody, Full<Bytes>>;
 
 /// A pooled HTTP client for one cluster on one worker.
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, ReqBody>;

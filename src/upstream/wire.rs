@@ -159,10 +159,10 @@ pub fn parse_response(
                 .rsplit(|&b| b == b',')
                 .next()
                 .unwrap_or(b"");
-            chunked = Some(trim(last).eq_ignore_ascii_case(b"chunked"));
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',') {
-                let token = trim(token);
+                let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
@@ -211,7 +211,7 @@ fn parse_content_length(v: &[u8]) -> Result<u64, WireError> {
     // A list of equal values ("42, 42") is allowed (RFC 9110 §8.6).
     let mut value = None;
     for part in v.split(|&b| b == b',') {
-        let part = trim(part);
+        let part = part.trim_ascii();
         if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
             return err("invalid content-length");
         }
@@ -222,18 +222,6 @@ fn parse_content_length(v: &[u8]) -> Result<u64, WireError> {
         value = Some(n);
     }
     value.ok_or_else(|| WireError("invalid content-length".into()))
-}
-
-fn trim(s: &[u8]) -> &[u8] {
-    let start = s
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(s.len());
-    let end = s
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &s[start..end]
 }
 
 /// Where a chunked body's decoder is (RFC 9112 §7.1).
@@ -282,7 +270,7 @@ impl Chunked {
                         .iter()
                         .position(|&b| !b.is_ascii_hexdigit())
                         .unwrap_or(line.len());
-                    let rest = trim(&line[digits..]);
+                    let rest = line[digits..].trim_ascii();
                     if digits == 0 || digits > 15 || !(rest.is_empty() || rest[0] == b';') {
                         return err("invalid chunk size");
                     }

@@ -1,0 +1,253 @@
+//! attache's own HTTP/1.1 server side, driven by raw clients on real sockets: requests it
+//! serves itself and requests it leaves to hyper taking turns on one connection (pipelined
+//! too), response framing (HEAD, unknown lengths, `connection: close`), and a client that
+//! hangs up cancelling its request upstream.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(upstream: std::net::SocketAddr, timeout: &str) -> String {
+    format!(
+        "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes: [ {{ cluster: a, timeout: {timeout} }} ]\nclusters:\n  a: {{ endpoints: [\"{upstream}\"] }}\n"
+    )
+}
+
+/// One response read off a raw connection: its head, and its body unframed.
+struct Answer {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> &str {
+        self.head.lines().next().unwrap_or("")
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// A raw HTTP/1.1 client connection that reads responses by their framing.
+struct Client {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(at: &Attache) -> Client {
+        Client {
+            s: TcpStream::connect(at.listeners["main"]).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, raw: &str) {
+        self.s.write_all(raw.as_bytes()).await.unwrap();
+    }
+
+    async fn fill(&mut self, want: usize) {
+        while self.buf.len() < want {
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
+                .await
+                .expect("no answer within 10 s")
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed early; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..i]).to_string();
+                self.buf.drain(..i + 2);
+                return line;
+            }
+            let have = self.buf.len();
+            self.fill(have + 1).await;
+        }
+    }
+
+    /// Reads one response; `head_only` for the answer to a HEAD request.
+    async fn answer(&mut self, head_only: bool) -> Answer {
+        let mut head = String::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
+            head.push('\n');
+        }
+        let mut answer = Answer {
+            head,
+            body: Vec::new(),
+        };
+        if head_only {
+            return answer;
+        }
+        if answer.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&self.line().await, 16).unwrap();
+                if size == 0 {
+                    assert_eq!(self.line().await, "", "trailers where none were sent");
+                    break;
+                }
+                self.fill(size + 2).await;
+                answer.body.extend(self.buf.drain(..size));
+                assert_eq!(self.buf.drain(..2).as_slice(), b"\r\n");
+            }
+        } else {
+            let len: usize = answer.header("content-length").unwrap().parse().unwrap();
+            self.fill(len).await;
+            answer.body = self.buf.drain(..len).collect();
+        }
+        answer
+    }
+}
+
+/// An upstream that answers "METHOD body-length".
+async fn echo_upstream() -> Upstream {
+    Upstream::start(|req| async move {
+        let method = req.method().to_string();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        text(200, &format!("{method} {}", body.len()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attache_and_hyper_take_turns_on_one_connection() {
+    let up = echo_upstream().await;
+    let at = Attache::start(&config(up.addr, "5s"));
+    let mut c = Client::connect(&at).await;
+    // Bodiless requests are attache's; requests with bodies are hyper's; each hands the
+    // connection back to the other.
+    let turns = [
+        ("GET / HTTP/1.1\r\nhost: a\r\n\r\n", "GET 0"),
+        (
+            "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello",
+            "POST 5",
+        ),
+        ("GET / HTTP/1.1\r\nhost: a\r\n\r\n", "GET 0"),
+        (
+            "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "POST 3",
+        ),
+        (
+            "DELETE / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n",
+            "DELETE 0",
+        ),
+    ];
+    for (request, want) in turns {
+        c.send(request).await;
+        let a = c.answer(false).await;
+        assert_eq!(a.status(), "HTTP/1.1 200 OK");
+        assert_eq!(String::from_utf8_lossy(&a.body), want, "for {request:?}");
+    }
+    // The same, pipelined in one write: answered in order.
+    let all: String = turns.iter().map(|(r, _)| *r).collect();
+    c.send(&all).await;
+    for (request, want) in turns {
+        let a = c.answer(false).await;
+        assert_eq!(String::from_utf8_lossy(&a.body), want, "for {request:?}");
+    }
+    assert_eq!(up.hits(), 2 * turns.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_unknown_length_and_close_are_framed_right() {
+    let up = Upstream::start(|req| async move {
+        match req.uri().path() {
+            // A body of unknown length: hyper sends it chunked, attache relays it chunked.
+            "/stream" => {
+                let chunks = ["ab", "cd"].map(|c| {
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(c)))
+                });
+                let body = StreamBody::new(futures_util::stream::iter(chunks));
+                http::Response::new(body.map_err(|e| match e {}).boxed())
+            }
+            _ => text(200, &"x".repeat(1234)),
+        }
+    })
+    .await;
+    let at = Attache::start(&config(up.addr, "5s"));
+    let mut c = Client::connect(&at).await;
+
+    c.send("HEAD /page HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let a = c.answer(true).await;
+    assert_eq!(a.status(), "HTTP/1.1 200 OK");
+    assert_eq!(a.header("content-length"), Some("1234"), "{}", a.head);
+
+    c.send("GET /stream HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let a = c.answer(false).await;
+    assert_eq!(a.header("transfer-encoding"), Some("chunked"), "{}", a.head);
+    assert_eq!(a.body, b"abcd");
+    assert!(a.header("date").is_some(), "{}", a.head);
+
+    // The connection is still in step after both, and `connection: close` ends it.
+    c.send("GET /page HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await;
+    let a = c.answer(false).await;
+    assert_eq!(a.body.len(), 1234);
+    assert_eq!(a.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty() && c.buf.is_empty());
+    assert_eq!(up.hits(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_cancels_its_request_upstream() {
+    // An upstream that never answers and reports when attache closes its connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_head, mut head_seen) = tokio::sync::mpsc::channel(1);
+    let (closed, mut close_seen) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&buf[..n]);
+        }
+        got_head.send(()).await.unwrap();
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        closed.send((n, Instant::now())).await.unwrap();
+    });
+    let at = Attache::start(&config(addr, "60s"));
+    let mut c = Client::connect(&at).await;
+    c.send("GET /slow HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    head_seen.recv().await.unwrap();
+    let hung_up = Instant::now();
+    drop(c);
+    let (n, at_close) = tokio::time::timeout(Duration::from_secs(10), close_seen.recv())
+        .await
+        .expect("the upstream request was not cancelled")
+        .unwrap();
+    assert_eq!(n, 0, "attache sent more on the upstream connection");
+    assert!(at_close - hung_up < Duration::from_secs(5));
+}
