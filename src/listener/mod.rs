@@ -1,5 +1,6 @@
 //! Listeners: binding (one SO_REUSEPORT socket per worker), the HTTP accept loop (HTTP/1.1
-//! and h2c on one port, upgrades) and the TCP accept loop.
+//! and h2c on one port, upgrades), attache's own HTTP/1.1 server side, and the TCP accept
+//! loop.
 
 pub mod h1;
 pub mod http;
