@@ -11,7 +11,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | the YAML file, its validation into an immutable [`config::Config`] |
-//! | [`listener`] | sockets (SO_REUSEPORT per worker), HTTP/1.1 (attache's own server for bodiless requests, hyper's for the rest) + h2c and TCP accept loops |
+//! | [`listener`] | sockets (SO_REUSEPORT per worker), HTTP/1.1 (attache's own server for requests without a body or with a small one, hyper's for the rest) + h2c and TCP accept loops |
 //! | [`route`] | route selection: a pure function of the request head |
 //! | [`balance`] | endpoint selection: least request (P2C), round robin, consistent hash |
 //! | [`upstream`] | clusters at run time: endpoints, pools, DNS, health checks |

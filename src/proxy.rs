@@ -97,10 +97,12 @@ impl ConnCtx {
     }
 }
 
-/// A request body from the client: none (what attache's own HTTP/1.1 server passes on: it
-/// leaves requests with bodies to hyper), or hyper's stream.
+/// A request body from the client: none or a small one read whole (what attache's own
+/// HTTP/1.1 server passes on), or hyper's stream.
 pub enum ClientBody {
     Empty,
+    /// The whole body, until it has been polled out.
+    Full(Option<Bytes>),
     Hyper(hyper::body::Incoming),
 }
 
@@ -114,6 +116,7 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -121,6 +124,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Empty => true,
+            ClientBody::Full(b) => b.is_none(),
             ClientBody::Hyper(b) => b.is_end_stream(),
         }
     }
@@ -128,6 +132,7 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ClientBody::Hyper(b) => b.size_hint(),
         }
     }
@@ -370,10 +375,12 @@ async fn execute(
     let many_targets = matches!(targets, Targets::Shards { plan, .. } if plan.allowed.len() > 1);
     let replay_wanted = policy.attempts > 1 || route.hedge.is_some() || many_targets;
 
-    // The body: an empty one replays for free; a small one of known length is buffered when
-    // a replay may be wanted; anything else streams once.
+    // The body: an empty one or one already in memory replays for free; a small one of known
+    // length is buffered when a replay may be wanted; anything else streams once.
     let (parts, incoming) = req.into_parts();
-    let mut body = if incoming.is_end_stream() {
+    let mut body = if let ClientBody::Full(Some(bytes)) = incoming {
+        TryBody::Replay(bytes)
+    } else if incoming.is_end_stream() {
         TryBody::Replay(Bytes::new())
     } else if replay_wanted
         && content_length(&parts.headers).is_some_and(|n| n <= policy.max_body as u64)

@@ -1,15 +1,17 @@
-//! attache's own HTTP/1.1 server side: it reads request heads, passes bodiless requests to the
-//! proxy and writes their responses, with one read buffer per connection and nothing between
-//! the socket and the request (no dispatcher task, no channel, no timer per request).
+//! attache's own HTTP/1.1 server side: it reads request heads, passes requests without a body
+//! or with a small one (read whole, at most 16 KiB of `content-length`) to the proxy and
+//! writes their responses, with one read buffer per connection and nothing between the
+//! socket and the request (no dispatcher task, no channel, no timer per request).
 //!
-//! It serves the common case only. A request it does not take (one with a body, an upgrade,
-//! `expect`, HTTP/1.0, CONNECT, a target not in origin form, a head it cannot parse or that is
-//! too large) is left in the buffer, untouched, for hyper's server, which answers it and every
-//! error case as before and hands the connection back once idle (see `listener::http`).
+//! It serves the common case only. A request it does not take (a chunked or larger body, an
+//! upgrade, `expect`, HTTP/1.0, CONNECT, a target not in origin form, a head it cannot parse
+//! or that is too large) is left in the buffer, untouched, for hyper's server, which answers
+//! it and every error case as before and hands the connection back once idle (see
+//! `listener::http`).
 //!
-//! Written here because hyper's server connection costs about 12k of attache's 28k
-//! instructions per request, and no maintained crate frames HTTP/1.1 without owning the
-//! connection. `httparse` (hyper's parser) parses; header values share the head's memory.
+//! Written here because hyper's server connection runs a dispatcher, its own buffers and a
+//! timer per request, and no maintained crate frames HTTP/1.1 without owning the connection.
+//! `httparse` (hyper's parser) parses; header values share the head's memory.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -34,6 +36,8 @@ use crate::telemetry::ListenerStats;
 const MAX_HEADERS: usize = 100;
 /// Room made in the read buffer before a read.
 const READ_CHUNK: usize = 4096;
+/// The largest request body attache reads whole itself (a larger one is hyper's, streamed).
+const SMALL_BODY: usize = 16 * 1024;
 
 /// How a stretch of serving ended.
 pub enum Served {
@@ -80,7 +84,7 @@ pub async fn serve(
             Parsed::Bad(e) => (Err(e), true),
             Parsed::Hyper => return Served::Hyper,
             Parsed::Partial if buf.len() > limits.max_head => return Served::Hyper,
-            Parsed::Partial => {
+            Parsed::Partial | Parsed::NeedBody => {
                 need_bytes = true;
                 continue;
             }
@@ -181,10 +185,12 @@ impl Drop for Parked<'_> {
 /// What the front of the read buffer holds.
 #[allow(clippy::large_enum_variant)] // returned once per request and taken apart at once
 enum Parsed {
-    /// A bodiless request, taken off the buffer; `true` when the client asked to close.
+    /// A request taken off the buffer with its body; `true` when the client asked to close.
     Request(Request<ClientBody>, bool),
     /// Not a whole head yet.
     Partial,
+    /// A whole head, but not yet the whole (small) body it announces; the buffer is untouched.
+    NeedBody,
     /// A request for hyper; the buffer is untouched.
     Hyper,
     /// A head taken off the buffer that turned out invalid: answer 400 and close.
@@ -204,6 +210,7 @@ fn parse(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parsed {
     let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let base = buf.as_ptr() as usize;
+    let mut body_len: Option<usize> = None;
     let (len, method, path, close) = match httparse::ParserConfig::default()
         .parse_request_with_uninit_headers(&mut req, buf, &mut raw)
     {
@@ -221,8 +228,10 @@ fn parse(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parsed {
             for h in req.headers.iter() {
                 let name = h.name.as_bytes();
                 if name.eq_ignore_ascii_case(b"content-length") {
-                    if h.value.trim_ascii() != b"0" {
-                        return Parsed::Hyper;
+                    // One plain length, small enough to read whole; anything else is hyper's.
+                    match (body_len, small_length(h.value)) {
+                        (None, Some(n)) => body_len = Some(n),
+                        _ => return Parsed::Hyper,
                     }
                 } else if name.eq_ignore_ascii_case(b"connection") {
                     for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -248,7 +257,15 @@ fn parse(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Hyper,
     };
+    let body_len = body_len.unwrap_or(0);
+    if buf.len() < len + body_len {
+        return Parsed::NeedBody;
+    }
     let head = buf.split_to(len).freeze();
+    let body = match body_len {
+        0 => ClientBody::Empty,
+        n => ClientBody::Full(Some(buf.split_to(n).freeze())),
+    };
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0..path.1)) else {
         return Parsed::Bad(ProxyError::BadRequest("invalid request target".into()));
     };
@@ -262,12 +279,24 @@ fn parse(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parsed {
         };
         headers.append(name, value);
     }
-    let mut req = Request::new(ClientBody::Empty);
+    let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     Parsed::Request(req, close)
+}
+
+/// A `content-length` value attache reads whole: digits only, at most [`SMALL_BODY`].
+fn small_length(value: &[u8]) -> Option<usize> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 6 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+    (n <= SMALL_BODY).then_some(n)
 }
 
 /// One request (or a bad one's 400) and its response. While the proxy works on the request, the client socket is
@@ -607,9 +636,33 @@ mod tests {
     }
 
     #[test]
+    fn small_bodies_are_read_whole() {
+        let (p, rest) = parsed(b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhel");
+        assert!(matches!(p, Parsed::NeedBody));
+        assert_eq!(
+            &rest[..],
+            b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhel"
+        );
+        let (p, rest) = parsed(b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhelloGET");
+        let Parsed::Request(req, false) = p else {
+            panic!("not taken");
+        };
+        assert_eq!(&rest[..], b"GET");
+        let ClientBody::Full(Some(body)) = req.into_body() else {
+            panic!("no body");
+        };
+        assert_eq!(&body[..], b"hello");
+        assert_eq!(small_length(b" 16384 "), Some(16384));
+        assert_eq!(small_length(b"16385"), None);
+        assert_eq!(small_length(b"1,1"), None);
+    }
+
+    #[test]
     fn anything_else_goes_to_hyper_untouched() {
         for raw in [
-            &b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc"[..],
+            &b"POST / HTTP/1.1\r\ncontent-length: 16385\r\n\r\nabc"[..],
+            b"POST / HTTP/1.1\r\ncontent-length: +3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc",
             b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
             b"GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
             b"PUT / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n",

@@ -2,8 +2,8 @@
 //! protocol detection (HTTP/1.1, or h2c with prior knowledge), serving, hand-overs and draining.
 //!
 //! **HTTP/1.1** is served by attache's own server side ([`super::h1`]) for the common case, a
-//! bodiless request, and by hyper's server for everything else (bodies, upgrades, `expect`,
-//! HTTP/1.0, heads that do not parse). [`super::h1`] stops at the first request it does not
+//! request without a body or with a small one, and by hyper's server for everything else
+//! (chunked or large bodies, upgrades, `expect`, HTTP/1.0, heads that do not parse). [`super::h1`] stops at the first request it does not
 //! take, leaving it unread in the buffer; a hyper connection starts on those bytes and serves
 //! until the connection is idle again after a bodiless request, then hands the socket back.
 //! The hand-back: once that response is complete, [`ClientIo`] answers hyper's next read that
