@@ -104,9 +104,9 @@ pub struct Listener {
     /// it releases its buffers (a 4 KiB read buffer and the response head's) until the client
     /// sends again. Below it, connections keep them and save an allocation per request.
     pub park_idle_above: usize,
-    /// Time allowed for a request head to arrive. For HTTP/1.1 it also bounds how long an idle
-    /// keep-alive connection waits for its next request (the timer runs while the connection
-    /// has no request in progress).
+    /// Time allowed for a request head to arrive (with a small body attache reads whole, for
+    /// HTTP/1.1). For HTTP/1.1 it also bounds how long an idle keep-alive connection waits
+    /// for its next request (the timer runs while the connection has no request in progress).
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
 }
