@@ -1,7 +1,7 @@
 //! attache's own HTTP/1.1 server side, driven by raw clients on real sockets: requests it
 //! serves itself and requests it leaves to hyper taking turns on one connection (pipelined
-//! too), response framing (HEAD, unknown lengths, `connection: close`), and a client that
-//! hangs up cancelling its request upstream.
+//! too), response framing (HEAD, unknown lengths, `connection: close`), a client that hangs
+//! up cancelling its request upstream, and a small body that stalls being cut off.
 
 #![allow(clippy::unwrap_used)]
 
@@ -270,4 +270,28 @@ async fn a_client_that_hangs_up_cancels_its_request_upstream() {
         .unwrap();
     assert_eq!(n, 0, "attache sent more on the upstream connection");
     assert!(at_close - hung_up < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_body_that_stalls_is_cut_off_like_a_slow_head() {
+    let up = echo_upstream().await;
+    let yaml =
+        config(up.addr, "5s").replace("    routes:", "    header_read_timeout: 300ms\n    routes:");
+    let at = Attache::start(&yaml);
+    let mut c = Client::connect(&at).await;
+    c.send("POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nab")
+        .await;
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.s.read_to_end(&mut rest))
+        .await
+        .expect("not cut off")
+        .unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(up.hits(), 0);
 }
