@@ -3,9 +3,10 @@
 //!
 //! **HTTP/1.1** is served by attache's own server side ([`super::h1`]) for the common case, a
 //! request without a body or with a small one, and by hyper's server for everything else
-//! (chunked or large bodies, upgrades, `expect`, HTTP/1.0, heads that do not parse). [`super::h1`] stops at the first request it does not
-//! take, leaving it unread in the buffer; a hyper connection starts on those bytes and serves
-//! until the connection is idle again after a bodiless request, then hands the socket back.
+//! (chunked or large bodies, upgrades, `expect`, HTTP/1.0, heads that do not parse).
+//! [`super::h1`] stops at the first request it does not take, leaving it unread in the
+//! buffer; a hyper connection starts on those bytes and serves until the connection is idle
+//! again after a bodiless request, then hands the socket back.
 //! The hand-back: once that response is complete, [`ClientIo`] answers hyper's next read that
 //! would block with end-of-file, which hyper treats as a clean close between requests, and it
 //! skips the socket shutdown that would follow (hyper has no other way to give a connection
