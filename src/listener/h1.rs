@@ -269,7 +269,9 @@ fn parse(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parsed {
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0..path.1)) else {
         return Parsed::Bad(ProxyError::BadRequest("invalid request target".into()));
     };
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the headers the request path adds (x-forwarded-for, x-forwarded-proto, via,
+    // host): a map built exactly full would be rehashed on every request.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     for &(ns, ne, vs, ve) in spans.iter() {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&head[ns..ne]),

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
+/// The request header that turns retries off for one request (`x-attache-retry: off`).
+static X_ATTACHE_RETRY: HeaderName = HeaderName::from_static("x-attache-retry");
+
 /// What an attempt came to, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -84,7 +87,7 @@ impl RetryPolicy {
             return false;
         }
         if headers
-            .get("x-attache-retry")
+            .get(&X_ATTACHE_RETRY)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"off"))
         {
             return false;
