@@ -295,3 +295,50 @@ async fn a_small_body_that_stalls_is_cut_off_like_a_slow_head() {
     );
     assert_eq!(up.hits(), 0);
 }
+
+/// An HTTP/1.1 connection's one timer serves both the wait for the next request head and the
+/// deadline of the upstream try in progress: a try longer than `header_read_timeout` is
+/// neither cut off when the head timeout passes nor left hanging after its own deadline, on
+/// the first request of a connection and on a later one; once idle again, the connection is
+/// closed after the head timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_longer_than_the_head_timeout_ends_at_its_own_deadline() {
+    let hung = Upstream::start(|_req| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        text(200, "late")
+    })
+    .await;
+    let yaml = config(hung.addr, "700ms")
+        .replace("    routes:", "    header_read_timeout: 200ms\n    routes:");
+    let at = Attache::start(&yaml);
+    let mut c = Client::connect(&at).await;
+    for _ in 0..2 {
+        let t = Instant::now();
+        c.send("GET /x HTTP/1.1\r\nhost: a\r\n\r\n").await;
+        let answer = c.answer(false).await;
+        let took = t.elapsed();
+        assert_eq!(
+            answer.status(),
+            "HTTP/1.1 504 Gateway Timeout",
+            "{}",
+            answer.head
+        );
+        assert_eq!(answer.header("x-attache-reason"), Some("timeout"));
+        assert!(
+            took >= Duration::from_millis(650) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+    }
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.s.read_to_end(&mut rest))
+        .await
+        .expect("an idle connection is closed after header_read_timeout")
+        .unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        idle.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        idle.elapsed()
+    );
+}
