@@ -35,8 +35,10 @@ use tokio::net::TcpStream;
 use super::wire::{self, Chunked, Decoded, Framing};
 use super::ReqBody;
 
-/// Bytes reserved for each read from a wire connection.
+/// Bytes reserved for a read from a wire connection: at first, and at most (see
+/// [`WireConn::poll_fill`]).
 const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK_MAX: usize = 64 * 1024;
 /// A request body up to this size is copied behind its head and sent in the same write.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -53,6 +55,8 @@ pub struct WireConn {
     wbuf: Vec<u8>,
     /// Scratch space for parsing response heads.
     spans: Vec<wire::Span>,
+    /// Bytes to make room for before a read: grows while reads fill the room.
+    read_size: usize,
 }
 
 /// A hyper connection: the request sender and the connection future that does its I/O.
@@ -370,6 +374,7 @@ impl Pool {
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             spans: Vec::new(),
+            read_size: READ_CHUNK,
         })
     }
 
@@ -407,11 +412,23 @@ enum HeadError {
 
 impl WireConn {
     /// Reads more bytes into `rbuf`; `Ok(0)` at the end of the stream.
+    ///
+    /// A read that fills all the room it was given doubles the room of later reads, up to
+    /// [`READ_CHUNK_MAX`] (as hyper's adaptive reads do): a 16 KiB response then comes in one
+    /// read and leaves in one write, instead of two of each (head and body overflowing a
+    /// 16 KiB buffer). Connections that carry small responses keep small buffers.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 4 {
+            self.rbuf.reserve(self.read_size);
         }
-        std::pin::pin!(self.io.read_buf(&mut self.rbuf)).poll(cx)
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        let read = std::pin::pin!(self.io.read_buf(&mut self.rbuf)).poll(cx);
+        if let Poll::Ready(Ok(n)) = read {
+            if n == room && self.read_size < READ_CHUNK_MAX {
+                self.read_size *= 2;
+            }
+        }
+        read
     }
 
     /// Reads the final response head (1xx heads before it are dropped).
@@ -636,5 +653,61 @@ impl Body for UpstreamBody {
             UpstreamBody::Client(body) => body.size_hint(),
             UpstreamBody::Pooled(p) => p.body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection to a peer on loopback, and the peer's end.
+    async fn pair(read_size: usize) -> (WireConn, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        let conn = WireConn {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+            spans: Vec::new(),
+            read_size,
+        };
+        (conn, peer)
+    }
+
+    async fn fill(conn: &mut WireConn) -> usize {
+        std::future::poll_fn(|cx| conn.poll_fill(cx)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_that_fill_their_room_grow_up_to_the_cap() {
+        let (mut conn, mut peer) = pair(READ_CHUNK).await;
+        // On loopback a write is in the reader's queue when write_all returns.
+        peer.write_all(&[7u8; 56 * 1024]).await.unwrap();
+        let mut reads = Vec::new();
+        while reads.iter().sum::<usize>() < 56 * 1024 {
+            reads.push(fill(&mut conn).await);
+            let _ = conn.rbuf.split();
+        }
+        assert_eq!(
+            reads,
+            [READ_CHUNK, 2 * READ_CHUNK, 8 * 1024],
+            "each full read doubles"
+        );
+        assert_eq!(conn.read_size, READ_CHUNK_MAX);
+
+        // Small reads leave it as it is; it never passes the cap.
+        peer.write_all(b"small").await.unwrap();
+        assert_eq!(fill(&mut conn).await, 5);
+        assert_eq!(conn.read_size, READ_CHUNK_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_grown_connection_reads_a_large_response_at_once() {
+        let (mut conn, mut peer) = pair(READ_CHUNK_MAX).await;
+        peer.write_all(&[7u8; 40 * 1024]).await.unwrap();
+        assert_eq!(fill(&mut conn).await, 40 * 1024);
     }
 }
