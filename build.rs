@@ -1,8 +1,9 @@
 //! Build script: links the `attache` binary with `link/startup-first.ld`, which puts the code
 //! run at start-up, then the request path, before the rest (an idle process maps a third of
 //! what it did; the file says why). Linux only, where the linker is GNU ld or lld.
-//! `ATTACHE_LINK_ORDER=off` links in the linker's own order (valgrind reads source lines
-//! only for `.text`, so callgrind's per-line figures need that).
+//! `ATTACHE_LINK_ORDER=off` links in the linker's own order: for callgrind's per-line
+//! figures (valgrind reads source lines only for `.text`) and for linkers that take no
+//! SECTIONS script (mold).
 
 fn main() {
     println!("cargo:rerun-if-changed=link/startup-first.ld");
