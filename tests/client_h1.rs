@@ -305,11 +305,7 @@ async fn a_small_body_that_stalls_is_cut_off_like_a_slow_head() {
 /// closed after the head timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_try_longer_than_the_head_timeout_ends_at_its_own_deadline() {
-    let hung = Upstream::start(|_req| async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        text(200, "late")
-    })
-    .await;
+    let hung = Upstream::slow(Duration::from_secs(30), "late").await;
     let yaml = config(hung.addr, "700ms")
         .replace("    routes:", "    header_read_timeout: 200ms\n    routes:");
     let at = Attache::start(&yaml);

@@ -908,11 +908,7 @@ async fn max_connections_refuses_the_extra_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
-    let up = Upstream::start(|_req| async {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        text(200, "slow")
-    })
-    .await;
+    let up = Upstream::slow(Duration::from_millis(700), "slow").await;
     let mut at = Attache::start(&one_cluster(&up, ""));
     let url = at.url("main", "/slow");
     let in_flight = tokio::spawn(async move { get(&url).await });

@@ -267,11 +267,7 @@ async fn failing_endpoints_are_ejected_and_the_rest_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hedging_returns_the_fast_answer() {
-    let slow = Upstream::start(|_req| async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        text(200, "slow")
-    })
-    .await;
+    let slow = Upstream::slow(Duration::from_millis(800), "slow").await;
     let fast = Upstream::named("fast").await;
     let at = Attache::start(&config(
         &[slow.addr, fast.addr],
@@ -358,11 +354,7 @@ async fn keyed_rate_limits_are_per_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_limits_answer_overloaded() {
-    let up = Upstream::start(|_req| async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        text(200, "slow")
-    })
-    .await;
+    let up = Upstream::slow(Duration::from_millis(400), "slow").await;
     let at = Attache::start(&config(
         &[up.addr],
         "    max_requests: 1\n    max_pending: 0\n    retry: { attempts: 1 }",
@@ -402,11 +394,7 @@ async fn a_fallback_answers_when_the_cluster_cannot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_ends_within_its_timeout() {
-    let hung = Upstream::start(|_req| async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        text(200, "late")
-    })
-    .await;
+    let hung = Upstream::slow(Duration::from_secs(30), "late").await;
     let at = Attache::start(&config(
         &[hung.addr],
         "    retry: { attempts: 5, on: [timeout], backoff_base: 1ms }\n    per_try_timeout: 100ms",

@@ -211,11 +211,7 @@ async fn india_down_refuses_indian_users_fast_and_serves_everyone_else() {
 async fn a_hung_shard_does_not_slow_the_others() {
     let users = users(PEOPLE, Duration::ZERO).await;
     let global = shard("global").await;
-    let india = Upstream::start(|_req| async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        text(200, "late")
-    })
-    .await;
+    let india = Upstream::slow(Duration::from_secs(30), "late").await;
     let at = Attache::start(&residency_config(
         users.up.addr,
         india.addr,
@@ -351,11 +347,7 @@ async fn stale_entries_serve_within_their_maximum_age_only() {
 async fn scatter_gather_returns_the_live_shards_marked_partial() {
     let users = users(PEOPLE, Duration::ZERO).await;
     let global = shard("global").await;
-    let india = Upstream::start(|_req| async {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        text(200, "late")
-    })
-    .await;
+    let india = Upstream::slow(Duration::from_secs(30), "late").await;
     let at = Attache::start(&residency_config(
         users.up.addr,
         india.addr,
@@ -562,11 +554,7 @@ fn residency_holds_under_random_shard_states() {
                             ups.push((name, up));
                         }
                         State::Hung => {
-                            let up = Upstream::start(|_req| async {
-                                tokio::time::sleep(Duration::from_secs(30)).await;
-                                text(200, "late")
-                            })
-                            .await;
+                            let up = Upstream::slow(Duration::from_secs(30), "late").await;
                             addrs.push(up.addr);
                             ups.push((name, up));
                         }

@@ -55,6 +55,16 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// An upstream that answers 200 with `body` only after `delay`: slow, or hung when the
+    /// delay outlasts the test.
+    pub async fn slow(delay: Duration, body: &'static str) -> Upstream {
+        Upstream::start(move |_req| async move {
+            tokio::time::sleep(delay).await;
+            text(200, body)
+        })
+        .await
+    }
+
     /// Starts an upstream whose handler is `f`.
     pub async fn start<F, Fut>(f: F) -> Upstream
     where
