@@ -1,5 +1,5 @@
 //! Microbenchmarks of the decision path (no sockets): route matching, shard key extraction
-//! with a directory cache hit, and endpoint choice. Run with `cargo bench --bench decide`.
+//! with a directory cache hit, split choice, and endpoint choice. Run with `cargo bench --bench decide`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -23,6 +23,7 @@ listeners:
       - { name: batch, match: { path: { exact: /images }, methods: [GET] }, shard_set: images, batch: { query: users } }
       - { name: images, match: { path: { template: "/images/{user}/{rest*}" } }, shard_set: images }
       - { name: users, match: { path: { prefix: /users } }, cluster: users }
+      - { name: feed, match: { path: { prefix: /feed } }, split: feed }
 clusters:
   users: { endpoints: ["127.0.0.1:8100", "127.0.0.1:8101", "127.0.0.1:8102", "127.0.0.1:8103"] }
   india: { endpoints: ["127.0.0.1:8201"] }
@@ -35,6 +36,13 @@ shard_sets:
     directory: regions
     shards: { india: { cluster: india, region: IN }, global: { cluster: global } }
     residency: { IN: [india], "*": [global] }
+splits:
+  feed:
+    key: { header: x-user-id }
+    variants:
+      stable: { cluster: users, weight: 90 }
+      beta: { cluster: global, weight: 10, keys: [tester, qa] }
+    override: { header: x-attache-variant }
 "#;
 
 fn config() -> Config {
@@ -154,4 +162,29 @@ fn endpoint_pick(bencher: divan::Bencher) {
     );
     let cluster = Arc::new(cluster);
     bencher.bench_local(|| divan::black_box(cluster.pick(None, None)));
+}
+
+/// Split choice for a keyed request: override header absent, allow list miss, the key's
+/// place on the weight range (route selection not included).
+#[divan::bench]
+fn split_choice(bencher: divan::Bencher) {
+    let config = config();
+    let ListenerKind::Http { routes, .. } = &config.listeners[0].kind else {
+        unreachable!()
+    };
+    let req = http::Request::get("http://127.0.0.1:10000/feed/today")
+        .header("host", "127.0.0.1:10000")
+        .header("user-agent", "bench")
+        .header("accept", "*/*")
+        .header("x-user-id", "priya")
+        .body(())
+        .unwrap();
+    let head = RequestHead::new(req.method(), req.uri(), req.headers());
+    let d = route::select(routes, &head).unwrap();
+    let route = &routes[d.route];
+    let split = &config.splits[0];
+    bencher.bench_local(|| {
+        let head = RequestHead::new(req.method(), req.uri(), req.headers());
+        divan::black_box(attache::split::choose(split, &head, &d.captures, route))
+    });
 }

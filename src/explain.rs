@@ -22,6 +22,8 @@ pub struct Explanation {
     pub captures: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<ShardChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitChoice>,
     pub cluster: Option<ClusterChoice>,
     pub upstream_path: Option<String>,
     pub timeout: Option<String>,
@@ -91,6 +93,7 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
         route: None,
         captures: BTreeMap::new(),
         shards: None,
+        split: None,
         cluster: None,
         upstream_path: None,
         timeout: None,
@@ -145,6 +148,39 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
                 None => return out,
             }
         }
+        Destination::Split(split_id) => {
+            let split = &config.splits[split_id];
+            let choice = crate::split::choose(split, &head, &decision.captures, r);
+            let key = split.key.as_ref().and_then(|k| {
+                crate::shard::key::extract(k, &head, &decision.captures, r)
+                    .ok()
+                    .map(|k| k.into_owned())
+            });
+            let variant = &split.variants[choice.variant];
+            let weights = split
+                .variants
+                .iter()
+                .map(|v| {
+                    let pct = 100.0 * f64::from(v.weight) / split.total_weight as f64;
+                    let pct = (pct * 100.0).round() / 100.0;
+                    format!("{} {pct}% → {}", v.name, config.clusters[v.cluster].name)
+                })
+                .collect();
+            out.split = Some(SplitChoice {
+                split: split.name.clone(),
+                key_source: split.key.as_ref().map(|k| k.to_string()),
+                key,
+                variant: variant.name.clone(),
+                why: match choice.why {
+                    crate::split::Why::Random => {
+                        "no key: drawn by weight per request (this one is an example)".into()
+                    }
+                    w => w.as_str().into(),
+                },
+                weights,
+            });
+            variant.cluster
+        }
     };
     let cluster = &config.clusters[c];
     let hash_key = match &cluster.balance {
@@ -187,6 +223,19 @@ pub fn explain(config: &Config, req: &http::Request<()>) -> Explanation {
         out.outcome = "forward".into();
     }
     out
+}
+
+/// The split part of an explanation.
+#[derive(Debug, Serialize)]
+pub struct SplitChoice {
+    pub split: String,
+    pub key_source: Option<String>,
+    pub key: Option<String>,
+    pub variant: String,
+    /// `override`, `allow-list`, `weight`, `unkeyed`, or the per-request draw.
+    pub why: String,
+    /// Each variant's share of keyed traffic and its cluster.
+    pub weights: Vec<String>,
 }
 
 /// The shard part of an explanation.
@@ -510,6 +559,18 @@ impl std::fmt::Display for Explanation {
                 };
                 let _ = writeln!(s, "shard       {ch} ({failover})");
             }
+        }
+        if let Some(sp) = &self.split {
+            let _ = writeln!(s, "split       {}", sp.split);
+            if let Some(src) = &sp.key_source {
+                let _ = writeln!(
+                    s,
+                    "split key   {} (from {src})",
+                    sp.key.as_deref().unwrap_or("(none)")
+                );
+            }
+            let _ = writeln!(s, "weights     {}", sp.weights.join(";  "));
+            let _ = writeln!(s, "variant     {} ({})", sp.variant, sp.why);
         }
         if let Some(c) = &self.cluster {
             let _ = writeln!(s, "cluster     {} ({}, {})", c.name, c.protocol, c.balance);

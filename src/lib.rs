@@ -2,9 +2,9 @@
 //!
 //! An application talks plain HTTP (or TCP) to attache on localhost; attache sends each request
 //! to the right remote service and adds what every client should have: routing, load
-//! balancing, health checks, timeouts, metrics and access logs (shard routing with residency,
-//! splits, retries, breakers and TLS follow in later issues, each one more kind of destination
-//! or one more step in [`proxy::forward`]).
+//! balancing, health checks, shard routing with residency, traffic splits, timeouts, retries,
+//! circuit breakers, metrics and access logs (TLS origination follows in a later issue: one more
+//! kind of cluster, not another request path).
 //!
 //! # Layout
 //!
@@ -13,6 +13,8 @@
 //! | [`config`] | the YAML file, its validation into an immutable [`config::Config`] |
 //! | [`listener`] | sockets (SO_REUSEPORT per worker), HTTP/1.1 (attache's own server for requests without a body or with a small one, hyper's for the rest) + h2c and TCP accept loops |
 //! | [`route`] | route selection: a pure function of the request head |
+//! | [`shard`] | shard keys, directories (cached lookups), residency plans, scatter-gather |
+//! | [`split`] | traffic splits: the variant a request gets (override, allow list, sticky weight) |
 //! | [`balance`] | endpoint selection: least request (P2C), round robin, consistent hash |
 //! | [`upstream`] | clusters at run time: endpoints, pools, DNS, health checks |
 //! | [`proxy`] | the request path, step by step, and per-request accounting |
@@ -54,6 +56,7 @@ pub mod resilience;
 pub mod route;
 pub mod server;
 pub mod shard;
+pub mod split;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

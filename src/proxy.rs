@@ -233,6 +233,13 @@ async fn forward(
     let plan;
     let targets = match route.destination {
         Destination::Cluster(cluster) => Targets::Cluster(cluster),
+        Destination::Split(split_id) => {
+            let split = &snap.config.splits[split_id];
+            let choice = crate::split::choose(split, &head, &decision.captures, route);
+            snap.split_stats[split_id][choice.variant].inc();
+            done.variant = Some((split_id, choice.variant));
+            Targets::Cluster(split.variants[choice.variant].cluster)
+        }
         Destination::Shards(set_id) => {
             let set = &snap.config.shard_sets[set_id];
             if let Some(batch) = &route.batch {
@@ -1212,6 +1219,8 @@ pub struct Completion {
     /// (shard set, shard) of a shard-routed request.
     pub(crate) shard: Option<(usize, usize)>,
     pub(crate) region: Option<Arc<str>>,
+    /// (split, variant) of a split route.
+    variant: Option<(usize, usize)>,
     pub(crate) endpoint: Option<InFlight>,
     status: u16,
     bytes: u64,
@@ -1239,6 +1248,7 @@ impl Completion {
             cluster: None,
             shard: None,
             region: None,
+            variant: None,
             endpoint: None,
             status: 0,
             bytes: 0,
@@ -1313,6 +1323,9 @@ impl Drop for Completion {
                     .shard
                     .map(|(s, i)| self.snap.config.shard_sets[s].shards[i].name.as_str()),
                 region: self.region.as_deref(),
+                variant: self
+                    .variant
+                    .map(|(s, v)| self.snap.config.splits[s].variants[v].name.as_str()),
                 endpoint: self.endpoint.as_ref().map(|e| e.0.addr),
                 client: self.conn.client,
                 method: self.method.as_str(),

@@ -14,6 +14,7 @@ use crate::shard::DirectoryState;
 use crate::telemetry::recent::RecentRequests;
 use crate::telemetry::{AccessLog, ListenerStats, Metrics, RouteStats, ShardStats};
 use crate::upstream::{self, ClusterState};
+use prometheus_client::metrics::counter::Counter;
 
 /// Everything a request needs from one config generation. A request loads it once and finishes
 /// on it, even if a reload swaps in another meanwhile.
@@ -28,6 +29,8 @@ pub struct Snapshot {
     pub directories: Vec<Arc<DirectoryState>>,
     /// Per shard set, per shard: metric handles.
     pub shard_stats: Vec<Vec<ShardStats>>,
+    /// Per split, per variant: the request counter.
+    pub split_stats: Vec<Vec<Counter>>,
     /// Per listener, per route: the route's rate limiter, if it has one.
     pub rate_limiters: Vec<Vec<Option<RateLimiter>>>,
     pub generation: u64,
@@ -133,6 +136,16 @@ impl Snapshot {
                     .collect()
             })
             .collect();
+        let split_stats = config
+            .splits
+            .iter()
+            .map(|s| {
+                s.variants
+                    .iter()
+                    .map(|v| metrics.split_variant(&s.name, &v.name))
+                    .collect()
+            })
+            .collect();
         let rate_limiters = config
             .listeners
             .iter()
@@ -154,6 +167,7 @@ impl Snapshot {
             listeners,
             directories,
             shard_stats,
+            split_stats,
             rate_limiters,
             generation,
         }

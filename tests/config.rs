@@ -85,6 +85,34 @@ fn bad_configs_name_file_line_column_field_and_reason() {
             "c.yaml:2:14: listeners[0].cluster: a tcp listener needs `cluster`",
         ),
         (
+            format!("listeners:\n  - address: 127.0.0.1:1\n    routes: [ {{ split: feed, cluster: backend }} ]\n{CLUSTER}"),
+            "c.yaml:3:24: listeners[0].routes[0].split: give one destination: `cluster`, `shard_set` or `split`, not several",
+        ),
+        (
+            format!("listeners:\n  - address: 127.0.0.1:1\n    routes: [ {{ split: feed }} ]\n{CLUSTER}"),
+            "c.yaml:3:24: listeners[0].routes[0].split: unknown split `feed` (no splits are defined)",
+        ),
+        (
+            format!("{CLUSTER}splits:\n  feed:\n    variants:\n      a: {{ cluster: backend, weight: 0 }}\n"),
+            "c.yaml:7:7: splits.feed.variants: every weight is 0 (or missing)",
+        ),
+        (
+            format!("{CLUSTER}splits:\n  feed:\n    key: {{ header: x-user }}\n    variants:\n      a: {{ cluster: backend, weight: 1, keys: [bob] }}\n      b: {{ cluster: backend, keys: [bob] }}\n"),
+            "c.yaml:9:37: splits.feed.variants.b.keys: `bob` is also on the allow list of `a`",
+        ),
+        (
+            format!("{CLUSTER}splits:\n  feed:\n    variants:\n      a: {{ cluster: backend, weight: 1, keys: [bob] }}\n"),
+            "c.yaml:7:48: splits.feed.variants.a.keys: an allow list needs the split's `key`",
+        ),
+        (
+            format!("{CLUSTER}splits:\n  feed:\n    variants:\n      a: {{ cluster: backend, weight: 1 }}\n    unkeyed: b\n"),
+            "c.yaml:8:14: splits.feed.unkeyed: unknown variant `b` (variants: a)",
+        ),
+        (
+            format!("{CLUSTER}splits:\n  feed:\n    variants:\n      a: {{ cluster: backend, weight: 1 }}\n    override: {{ header: x, cookie: y }}\n"),
+            "c.yaml:8:15: splits.feed.override: give exactly one of `header`, `cookie`",
+        ),
+        (
             format!("workers: 0\nlisteners: []\n{CLUSTER}"),
             "c.yaml:1:10: workers: must be between 1 and 256",
         ),

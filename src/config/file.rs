@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub directories: BTreeMap<String, FileDirectory>,
     #[serde(default)]
     pub shard_sets: BTreeMap<String, FileShardSet>,
+    #[serde(default)]
+    pub splits: BTreeMap<String, FileSplit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +90,8 @@ pub struct FileRoute {
     pub cluster: Option<S<String>>,
     #[serde(default)]
     pub shard_set: Option<S<String>>,
+    #[serde(default)]
+    pub split: Option<S<String>>,
     #[serde(default)]
     pub batch: Option<S<FileBatch>>,
     #[serde(default)]
@@ -420,6 +424,43 @@ pub struct FileJwt {
     /// Read claims without checking the signature: only behind a gateway that verified.
     #[serde(default)]
     pub unverified_claims_behind_trusted_gateway: Option<S<bool>>,
+}
+
+/// A traffic split: variants (each a cluster) chosen per request, sticky per key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSplit {
+    /// Whose request it is: the same key is always given the same variant.
+    #[serde(default)]
+    pub key: Option<S<FileKey>>,
+    pub variants: S<BTreeMap<String, S<FileVariant>>>,
+    /// A header or cookie that names the variant outright (testers, QA).
+    #[serde(default, rename = "override")]
+    pub override_: Option<S<FileOverride>>,
+    /// The variant for requests without a key (default: spread by weight, per request).
+    #[serde(default)]
+    pub unkeyed: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileVariant {
+    pub cluster: S<String>,
+    #[serde(default)]
+    pub weight: Option<S<u32>>,
+    /// Keys always given this variant, whatever the weights say (an allow list).
+    #[serde(default)]
+    pub keys: Option<Vec<S<String>>>,
+}
+
+/// Where a request may name its variant: exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOverride {
+    #[serde(default)]
+    pub header: Option<S<String>>,
+    #[serde(default)]
+    pub cookie: Option<S<String>>,
 }
 
 /// A route's batch form: many keys in one request, split by shard and merged.

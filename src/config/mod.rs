@@ -59,6 +59,8 @@ pub struct Config {
     pub directories: Vec<Directory>,
     /// Shard sets, indexed by [`ShardSetId`].
     pub shard_sets: Vec<ShardSet>,
+    /// Traffic splits, indexed by [`SplitId`].
+    pub splits: Vec<Split>,
 }
 
 /// Index of a cluster in [`Config::clusters`].
@@ -69,6 +71,8 @@ pub type DirectoryId = usize;
 pub type ShardSetId = usize;
 /// Index of a shard in [`ShardSet::shards`].
 pub type ShardId = usize;
+/// Index of a split in [`Config::splits`].
+pub type SplitId = usize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
@@ -155,12 +159,49 @@ pub struct Route {
     pub fallback: Option<Fallback>,
 }
 
-/// Where a matched request goes. Splits join as a further variant.
+/// Where a matched request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
     Cluster(ClusterId),
     /// A shard of a set, chosen by the request's shard key.
     Shards(ShardSetId),
+    /// A variant of a split, chosen per request (sticky per key).
+    Split(SplitId),
+}
+
+/// A traffic split (beta testing, canaries): which variant a request gets is attache's
+/// decision, made by [`crate::split::choose`].
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub name: String,
+    /// Whose request it is; `None`: every request is spread by weight.
+    pub key: Option<KeySource>,
+    /// In the file's order of names; weights are taken in this order.
+    pub variants: Vec<Variant>,
+    /// Sum of the weights (at least 1).
+    pub total_weight: u64,
+    /// Where a request may name its variant outright.
+    pub override_: Option<VariantOverride>,
+    /// The variant of requests without a key; `None`: spread by weight.
+    pub unkeyed: Option<usize>,
+    /// Allow-listed keys and their variant, sorted by key (binary search).
+    pub allow: Vec<(Box<str>, usize)>,
+    /// A stable hash of the name: two splits put different keys in their first variants.
+    pub salt: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variant {
+    pub name: String,
+    pub cluster: ClusterId,
+    pub weight: u32,
+}
+
+/// A header or a cookie that names a variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VariantOverride {
+    Header(HeaderName),
+    Cookie(String),
 }
 
 /// A set of shards, the key that picks one, and the residency policy.
@@ -746,6 +787,21 @@ impl Config {
                     },
                 })
             }).collect::<Vec<_>>(),
+            "splits": self.splits.iter().map(|s| json!({
+                "name": s.name,
+                "key": s.key.as_ref().map(|k| k.to_string()),
+                "variants": s.variants.iter().enumerate().map(|(i, v)| json!({
+                    "name": v.name,
+                    "cluster": self.clusters[v.cluster].name,
+                    "weight": v.weight,
+                    "allow_listed_keys": s.allow.iter().filter(|(_, to)| *to == i).count(),
+                })).collect::<Vec<_>>(),
+                "override": s.override_.as_ref().map(|o| match o {
+                    VariantOverride::Header(h) => json!({"header": h.as_str()}),
+                    VariantOverride::Cookie(c) => json!({"cookie": c}),
+                }),
+                "unkeyed": s.unkeyed.map(|i| s.variants[i].name.clone()),
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -776,6 +832,7 @@ impl Config {
             "destination": match r.destination {
                 Destination::Cluster(c) => json!({"cluster": self.clusters[c].name}),
                 Destination::Shards(s) => json!({"shard_set": self.shard_sets[s].name}),
+                Destination::Split(s) => json!({"split": self.splits[s].name}),
             },
             "batch": r.batch.as_ref().map(|b| json!({
                 "keys": match &b.keys {

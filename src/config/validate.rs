@@ -133,11 +133,19 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
         .iter()
         .map(|(name, s)| shard_set(ctx, name, s, &cluster_names, &dir_names))
         .collect();
+    let split_names: Vec<String> = file.splits.keys().cloned().collect();
+    let splits: Vec<Option<Split>> = file
+        .splits
+        .iter()
+        .map(|(name, s)| split(ctx, name, s, &cluster_names))
+        .collect();
     let refs = Refs {
         clusters: &cluster_names,
         cluster_defs: &clusters,
         shard_sets: &set_names,
         shard_set_defs: &shard_sets,
+        splits: &split_names,
+        split_defs: &splits,
     };
 
     let admin_address = match file.admin.as_ref().and_then(|a| a.address.as_ref()) {
@@ -360,6 +368,7 @@ fn build(ctx: &mut Ctx, file: FileConfig, path: &Path) -> Config {
         clusters,
         directories,
         shard_sets: shard_sets.into_iter().flatten().collect(),
+        splits: splits.into_iter().flatten().collect(),
     }
 }
 
@@ -369,6 +378,8 @@ struct Refs<'a> {
     cluster_defs: &'a [Cluster],
     shard_sets: &'a [String],
     shard_set_defs: &'a [Option<ShardSet>],
+    splits: &'a [String],
+    split_defs: &'a [Option<Split>],
 }
 
 fn socket_addr(ctx: &mut Ctx, s: &S<String>, field: &str) -> Option<SocketAddr> {
@@ -403,6 +414,90 @@ fn cluster_ref(ctx: &mut Ctx, s: &S<String>, field: &str, names: &[String]) -> O
     }
 }
 
+/// A route's destination: exactly one of `cluster`, `shard_set`, `split`.
+fn destination(
+    ctx: &mut Ctx,
+    spanned: &S<FileRoute>,
+    field: &str,
+    refs: &Refs<'_>,
+    matcher: &RouteMatch,
+) -> Option<Destination> {
+    let r = &spanned.value;
+    let given: Vec<(&S<String>, &str)> = [
+        (r.cluster.as_ref(), "cluster"),
+        (r.shard_set.as_ref(), "shard_set"),
+        (r.split.as_ref(), "split"),
+    ]
+    .into_iter()
+    .filter_map(|(v, n)| v.map(|v| (v, n)))
+    .collect();
+    let (s, kind) = match given.as_slice() {
+        [one] => *one,
+        [] => {
+            ctx.err(
+                spanned,
+                format!("{field}.cluster"),
+                "a route needs a destination: `cluster`, `shard_set` or `split`",
+            );
+            return None;
+        }
+        [_, (second, name), ..] => {
+            ctx.err(
+                *second,
+                format!("{field}.{name}"),
+                "give one destination: `cluster`, `shard_set` or `split`, not several",
+            );
+            return None;
+        }
+    };
+    // A key read from a path capture needs that capture in this route's template.
+    let check_capture = |ctx: &mut Ctx, key: Option<&KeySource>, what: &str| {
+        if let Some(KeySource::Capture(name)) = key {
+            let has = matches!(&matcher.path, Some(PathMatch::Template(t)) if t.name_index(name).is_some());
+            if !has && r.batch.is_none() {
+                ctx.err(s, format!("{field}.{kind}"), format!(
+                    "{what} `{}` reads its key from path capture `{name}`, which this route's path template does not have",
+                    s.value
+                ));
+            }
+        }
+    };
+    let lookup = |ctx: &mut Ctx, names: &[String], what: &str| {
+        let found = names.iter().position(|n| *n == s.value);
+        if found.is_none() {
+            let known = if names.is_empty() {
+                format!("no {what}s are defined")
+            } else {
+                format!("known: {}", names.join(", "))
+            };
+            ctx.err(
+                s,
+                format!("{field}.{kind}"),
+                format!("unknown {what} `{}` ({known})", s.value),
+            );
+        }
+        found
+    };
+    match kind {
+        "cluster" => cluster_ref(ctx, s, &format!("{field}.cluster"), refs.clusters)
+            .map(Destination::Cluster),
+        "shard_set" => {
+            let id = lookup(ctx, refs.shard_sets, "shard set")?;
+            if let Some(Some(set)) = refs.shard_set_defs.get(id) {
+                check_capture(ctx, Some(&set.key), "shard set");
+            }
+            Some(Destination::Shards(id))
+        }
+        _ => {
+            let id = lookup(ctx, refs.splits, "split")?;
+            if let Some(Some(split)) = refs.split_defs.get(id) {
+                check_capture(ctx, split.key.as_ref(), "split");
+            }
+            Some(Destination::Split(id))
+        }
+    }
+}
+
 fn route(
     ctx: &mut Ctx,
     spanned: &S<FileRoute>,
@@ -421,56 +516,7 @@ fn route(
         .as_ref()
         .map(|m| route_match(ctx, m, &format!("{field}.match")))
         .unwrap_or_default();
-    let destination = match (&r.cluster, &r.shard_set) {
-        (Some(c), None) => cluster_ref(ctx, c, &format!("{field}.cluster"), refs.clusters)
-            .map(Destination::Cluster),
-        (None, Some(s)) => match refs.shard_sets.iter().position(|n| *n == s.value) {
-            Some(id) => {
-                // A key read from a path capture needs that capture in this route's template.
-                if let Some(Some(set)) = refs.shard_set_defs.get(id) {
-                    if let KeySource::Capture(name) = &set.key {
-                        let has = matches!(&matcher.path, Some(PathMatch::Template(t)) if t.name_index(name).is_some());
-                        if !has && r.batch.is_none() {
-                            ctx.err(s, format!("{field}.shard_set"), format!(
-                                "shard set `{}` reads its key from path capture `{name}`, which this route's path template does not have",
-                                s.value
-                            ));
-                        }
-                    }
-                }
-                Some(Destination::Shards(id))
-            }
-            None => {
-                let known = if refs.shard_sets.is_empty() {
-                    "no shard sets are defined".to_owned()
-                } else {
-                    format!("known: {}", refs.shard_sets.join(", "))
-                };
-                ctx.err(
-                    s,
-                    format!("{field}.shard_set"),
-                    format!("unknown shard set `{}` ({known})", s.value),
-                );
-                None
-            }
-        },
-        (Some(c), Some(_)) => {
-            ctx.err(
-                c,
-                format!("{field}.cluster"),
-                "give one destination: `cluster` or `shard_set`, not both",
-            );
-            None
-        }
-        (None, None) => {
-            ctx.err(
-                spanned,
-                format!("{field}.cluster"),
-                "a route needs a destination: `cluster` or `shard_set`",
-            );
-            None
-        }
-    };
+    let destination = destination(ctx, spanned, field, refs, &matcher);
     let batch = r.batch.as_ref().and_then(|b| {
         if !matches!(destination, Some(Destination::Shards(_))) {
             ctx.err(
@@ -512,6 +558,19 @@ fn route(
             .and_then(|s| s.shards.first())
             .and_then(|sh| refs.cluster_defs.get(sh.cluster))
             .map(|c| c.timeout),
+        // The longest of the variants' timeouts: no variant is cut shorter than its cluster.
+        Some(Destination::Split(s)) => {
+            refs.split_defs
+                .get(s)
+                .and_then(|s| s.as_ref())
+                .and_then(|s| {
+                    s.variants
+                        .iter()
+                        .filter_map(|v| refs.cluster_defs.get(v.cluster))
+                        .map(|c| c.timeout)
+                        .max()
+                })
+        }
         None => None,
     }
     .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
@@ -1249,6 +1308,133 @@ fn shard_set(
         unknown_key_region: s.unknown_key_region.as_ref().map(|r| r.value.clone()),
         shards,
         residency,
+    })
+}
+
+fn split(ctx: &mut Ctx, name: &str, s: &FileSplit, clusters: &[String]) -> Option<Split> {
+    let field = format!("splits.{name}");
+    let key = s
+        .key
+        .as_ref()
+        .and_then(|k| shard_key(ctx, k, &format!("{field}.key")));
+    if s.variants.value.is_empty() {
+        ctx.err(
+            &s.variants,
+            format!("{field}.variants"),
+            "a split needs at least one variant",
+        );
+        return None;
+    }
+    let mut variants = Vec::with_capacity(s.variants.value.len());
+    let mut listed: Vec<(&S<String>, usize)> = Vec::new();
+    for (i, (vname, v)) in s.variants.value.iter().enumerate() {
+        let vf = format!("{field}.variants.{vname}");
+        let cluster = cluster_ref(ctx, &v.value.cluster, &format!("{vf}.cluster"), clusters);
+        let weight = v.value.weight.as_ref().map_or(0, |w| w.value);
+        for k in v.value.keys.iter().flatten() {
+            if s.key.is_none() {
+                ctx.err(
+                    k,
+                    format!("{vf}.keys"),
+                    "an allow list needs the split's `key` (whose request it is)",
+                );
+                break;
+            }
+            if let Err(e) = crate::shard::key::check(std::borrow::Cow::Borrowed(&k.value)) {
+                let why = match e {
+                    crate::shard::key::KeyError::Missing => "an empty key".to_owned(),
+                    crate::shard::key::KeyError::Invalid(m)
+                    | crate::shard::key::KeyError::Unauthorized(m) => m,
+                };
+                ctx.err(k, format!("{vf}.keys"), format!("`{}`: {why}", k.value));
+            }
+            listed.push((k, i));
+        }
+        variants.push(Variant {
+            name: vname.clone(),
+            cluster: cluster.unwrap_or(0),
+            weight,
+        });
+    }
+    listed.sort_by(|a, b| a.0.value.cmp(&b.0.value));
+    for pair in listed.windows(2) {
+        if pair[0].0.value == pair[1].0.value && pair[0].1 != pair[1].1 {
+            let (a, b) = (&variants[pair[0].1].name, &variants[pair[1].1].name);
+            ctx.err(
+                pair[1].0,
+                format!("splits.{name}.variants.{b}.keys"),
+                format!(
+                    "`{}` is also on the allow list of `{a}`: give a key one variant",
+                    pair[1].0.value
+                ),
+            );
+        }
+    }
+    let mut allow: Vec<(Box<str>, usize)> = listed
+        .iter()
+        .map(|(k, i)| (k.value.as_str().into(), *i))
+        .collect();
+    allow.dedup_by(|a, b| a.0 == b.0);
+    let total_weight: u64 = variants.iter().map(|v| u64::from(v.weight)).sum();
+    if total_weight == 0 {
+        ctx.err(
+            &s.variants,
+            format!("{field}.variants"),
+            "every weight is 0 (or missing): give at least one variant a weight above 0",
+        );
+    }
+    let variant_ref = |ctx: &mut Ctx, v: &S<String>, f: String| {
+        let found = variants.iter().position(|x| x.name == v.value);
+        if found.is_none() {
+            let names: Vec<&str> = variants.iter().map(|x| x.name.as_str()).collect();
+            ctx.err(
+                v,
+                f,
+                format!(
+                    "unknown variant `{}` (variants: {})",
+                    v.value,
+                    names.join(", ")
+                ),
+            );
+        }
+        found
+    };
+    let unkeyed = s
+        .unkeyed
+        .as_ref()
+        .and_then(|u| variant_ref(ctx, u, format!("{field}.unkeyed")));
+    let override_ = s.override_.as_ref().and_then(|o| {
+        let of = format!("{field}.override");
+        match (&o.value.header, &o.value.cookie) {
+            (Some(h), None) => {
+                match HeaderName::from_bytes(h.value.to_ascii_lowercase().as_bytes()) {
+                    Ok(n) => Some(VariantOverride::Header(n)),
+                    Err(_) => {
+                        ctx.err(
+                            h,
+                            format!("{of}.header"),
+                            format!("`{}` is not a header name", h.value),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, Some(c)) => Some(VariantOverride::Cookie(c.value.clone())),
+            _ => {
+                ctx.err(o, of, "give exactly one of `header`, `cookie`");
+                None
+            }
+        }
+    });
+    Some(Split {
+        name: name.to_owned(),
+        key,
+        variants,
+        total_weight: total_weight.max(1),
+        override_,
+        unkeyed,
+        allow,
+        salt: crate::balance::stable_hash(name.as_bytes()),
     })
 }
 

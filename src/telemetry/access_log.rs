@@ -37,6 +37,8 @@ pub struct LogRecord<'a> {
     pub cluster: Option<&'a str>,
     pub shard: Option<&'a str>,
     pub region: Option<&'a str>,
+    /// The variant of a split route.
+    pub variant: Option<&'a str>,
     pub endpoint: Option<SocketAddr>,
     pub client: SocketAddr,
     pub method: &'a str,

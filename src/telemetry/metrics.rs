@@ -183,6 +183,7 @@ pub struct Metrics {
     directory_errors: Family<Labels, Counter>,
     directory_inflight: Family<Labels, Gauge>,
     shard_requests: Family<Labels, Counter>,
+    split_requests: Family<Labels, Counter>,
     shard_errors: Family<Labels, Counter>,
     shard_latency: Family<Labels, Histogram>,
     residency_denials: Family<Labels, Counter>,
@@ -235,6 +236,7 @@ impl Metrics {
             directory_errors: Family::default(),
             directory_inflight: Family::default(),
             shard_requests: Family::default(),
+            split_requests: Family::default(),
             shard_errors: Family::default(),
             shard_latency: Family::default(),
             residency_denials: Family::default(),
@@ -348,6 +350,11 @@ impl Metrics {
                 "shard_requests",
                 "Requests sent to a shard",
                 m.shard_requests.clone(),
+            );
+            r.register(
+                "split_requests",
+                "Requests given each variant of a split, by split and variant",
+                m.split_requests.clone(),
             );
             r.register(
                 "shard_errors",
@@ -475,6 +482,13 @@ impl Metrics {
             errors: self.shard_errors.get_or_create(&l).clone(),
             latency: self.shard_latency.get_or_create(&l).clone(),
         }
+    }
+
+    /// The request counter of one variant of a split.
+    pub fn split_variant(&self, split: &str, variant: &str) -> Counter {
+        self.split_requests
+            .get_or_create(&labels(&[("split", split), ("variant", variant)]))
+            .clone()
     }
 
     /// Counts a residency denial (the failure path).
