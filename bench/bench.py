@@ -503,6 +503,9 @@ KINDS = {
     "haproxy": {"argv": ["haproxy", "-db", "-f", "{cfg}"], "ready": "port"},
     "nginx": {"argv": ["nginx", "-e", "{dir}/nginx-stderr.log", "-p", "{dir}", "-c", "{cfg}"],
               "ready": "port"},
+    # The floor: bench/relay.c, a byte relay that parses nothing (one upstream connection
+    # per client connection, so it sits out the idle-connection test).
+    "relay": {"argv": ["{relay}", "{cfg}"], "ready": "port", "idle_conns": False},
 }
 
 
@@ -592,7 +595,9 @@ class Bench:
         tpl = scen.template(scen.targets[name])
         cfg = render(tpl, values, d / tpl.name)
         kind = KINDS[name]
-        argv = [a.format(attache=self.attache, cfg=cfg, dir=d) for a in kind["argv"]]
+        relay = self.relay() if name == "relay" else None
+        argv = [a.format(attache=self.attache, cfg=cfg, dir=d, relay=relay)
+                for a in kind["argv"]]
         logfile = d / "stdout.log"
         t = Target(name, port, logfile=logfile)
         t.proc = self.procs.spawn(argv, cpu=PROXY_CPU, logfile=logfile)
@@ -608,6 +613,17 @@ class Bench:
                 return port_open(port)
         wait_until(ready, 15, t.proc, f"{name} ({scen.name})", logfile)
         return t
+
+    def relay(self) -> Path:
+        """bench/relay.c, compiled once per run (gcc -O2)."""
+        exe = self.tmp / "relay"
+        if not exe.exists():
+            src = BENCH / "relay.c"
+            r = subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise BenchError(f"gcc {src} failed:\n{r.stderr}")
+        return exe
 
     def url(self, scen: Scenario, t: Target) -> str:
         return f"http://127.0.0.1:{t.port}{scen.path}"
@@ -790,7 +806,7 @@ class Bench:
                     res[n]["rss_peak"] = rss_bytes(targets[n].pids(), "VmHWM")
             if scen.idle_conns and scen.proto == "http1" and not self.args.no_idle_conns:
                 for n in order:
-                    if targets[n].proc:
+                    if targets[n].proc and KINDS[n].get("idle_conns", True):
                         res[n]["idle_conns"] = self.test_idle_conns(scen, targets[n])
         finally:
             for t in targets.values():
@@ -1024,7 +1040,7 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, help="rounds (default 5; 1 with --quick)")
     ap.add_argument("--scenarios", help="comma-separated scenario names (default: all "
                     "scenarios marked default; http1-100b with --quick)")
-    ap.add_argument("--targets", default="direct,attache,haproxy,nginx",
+    ap.add_argument("--targets", default="direct,attache,haproxy,nginx,relay",
                     help="comma-separated targets to run (default: all)")
     ap.add_argument("--no-build", action="store_true", help="use target/release/attache as is")
     ap.add_argument("--attache-bin", metavar="PATH",

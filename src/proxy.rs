@@ -362,6 +362,9 @@ async fn execute(
     targets: Targets<'_>,
     keys: &[(usize, Option<u64>)],
 ) -> Result<Response<UpstreamBody>, ProxyError> {
+    // attache's own HTTP/1.1 server writes the response head: with no response header ops,
+    // the upstream's header lines can go through as they are.
+    let raw = !matches!(req.body(), ClientBody::Hyper(_)) && route.response_headers.is_empty();
     let started = done.start;
     let deadline = started + route.timeout;
     let first_cluster = match targets {
@@ -507,6 +510,7 @@ async fn execute(
                     forwarded,
                     conn,
                     try_timeout,
+                    raw,
                 )
                 .await
             }
@@ -523,6 +527,7 @@ async fn execute(
                     forwarded,
                     conn,
                     try_timeout,
+                    raw,
                 ))
                 .await
             }
@@ -705,6 +710,7 @@ async fn send_hedged(
     forwarded: &Forwarded,
     conn: &ConnCtx,
     timeout: std::time::Duration,
+    raw: bool,
 ) -> Sent {
     let primary = send_one(
         req,
@@ -715,6 +721,7 @@ async fn send_hedged(
         forwarded,
         conn,
         timeout,
+        raw,
     );
     tokio::pin!(primary);
     tokio::select! {
@@ -735,7 +742,7 @@ async fn send_hedged(
     cluster.stats.hedges.inc();
     let remaining = timeout.saturating_sub(delay);
     let mut secondary = Box::pin(send_one(
-        second, snap, cluster_id, other, route, forwarded, conn, remaining,
+        second, snap, cluster_id, other, route, forwarded, conn, remaining, raw,
     ));
     tokio::select! {
         sent = &mut primary => if sent.outcome_failed() { secondary.await } else { sent },
@@ -743,7 +750,9 @@ async fn send_hedged(
     }
 }
 
-/// Sends one try to one endpoint, bounded by `timeout`.
+/// Sends one try to one endpoint, bounded by `timeout`. With `raw`, a response read by
+/// attache's HTTP/1.1 codec may keep its header lines for the client as they are (see
+/// [`crate::upstream::RawFields`]) instead of a header map.
 #[allow(clippy::too_many_arguments)]
 async fn send_one(
     mut req: Request<ReqBody>,
@@ -754,6 +763,7 @@ async fn send_one(
     forwarded: &Forwarded,
     conn: &ConnCtx,
     timeout: std::time::Duration,
+    raw: bool,
 ) -> Sent {
     use crate::resilience::Outcome;
     let cluster = &snap.clusters[cluster_id];
@@ -785,7 +795,7 @@ async fn send_one(
     let result = match cluster.config.protocol {
         crate::config::UpstreamProtocol::Http1 => {
             let pool = cluster.pool(conn.worker);
-            tokio::time::timeout(timeout, pool.send(endpoint.addr, req))
+            tokio::time::timeout(timeout, pool.send(endpoint.addr, req, raw))
                 .await
                 .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
         }
@@ -936,6 +946,7 @@ pub(crate) async fn attempt(
         forwarded,
         conn,
         route.timeout,
+        false, // the merge reads each part's headers
     )
     .await;
     record_breakers(cluster, &sent.endpoint, admit, !sent.outcome_failed());
@@ -1353,6 +1364,15 @@ pin_project_lite::pin_project! {
 impl ProxyBody {
     fn new(inner: RespInner, done: Completion) -> ProxyBody {
         ProxyBody { inner, done }
+    }
+
+    /// The upstream's header lines to write through as they are, when the response carries
+    /// them (its header map then holds only what attache added).
+    pub fn take_raw_fields(&mut self) -> Option<crate::upstream::RawFields> {
+        match &mut self.inner {
+            Either::Left(up) => up.take_raw_fields(),
+            Either::Right(_) => None,
+        }
     }
 }
 

@@ -46,6 +46,14 @@ fn answer(path: &str) -> (Vec<u8>, bool) {
             false,
         ),
         "/head" => (s("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n"), false),
+        "/hop" => (
+            s("HTTP/1.1 200 OK\r\nServer: scripted\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Case: Kept As Sent\r\nContent-Length: 2\r\nDate: Fri, 27 Nov 2026 16:00:00 GMT\r\n\r\nok"),
+            false,
+        ),
+        "/hop-listed" => (
+            s("HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nX-Other: 2\r\nContent-Length: 2\r\n\r\nok"),
+            false,
+        ),
         "/http10" => (s("HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nold"), true),
         "/bad-length" => (s("HTTP/1.1 200 OK\r\ncontent-length: ten\r\n\r\n"), true),
         "/garbage" => (s("SSH-2.0-OpenSSH_9.2\r\n\r\n"), true),
@@ -209,4 +217,77 @@ async fn broken_answers_get_502_with_their_reason() {
     let log = at.access_log(3);
     let short = log.iter().find(|l| l["path"] == "/short").unwrap();
     assert_eq!(short["reason"], "upstream-reset-mid-body");
+}
+
+/// The head and body of one answer on a plain connection, as bytes.
+async fn exchange(at: &Attache, path: &str) -> (String, String) {
+    let mut s = tokio::net::TcpStream::connect(at.listeners["main"])
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
+            let len = content_length(&head).unwrap();
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8(buf[end + 4..end + 4 + len].to_vec()).unwrap();
+                return (head, body);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_headers_go_through_as_sent_without_hop_by_hop_ones() {
+    let (addr, _seen) = scripted_upstream().await;
+    let at = Attache::start(&config(addr));
+    for _ in 0..2 {
+        // attache's own HTTP/1.1 server writes the upstream's lines through (names keep
+        // their case), without connection, keep-alive, or a second length or date.
+        let (head, body) = exchange(&at, "/hop").await;
+        assert_eq!(body, "ok");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("\r\nServer: scripted\r\n"), "{head}");
+        assert!(head.contains("\r\nX-Case: Kept As Sent\r\n"), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            !lower.contains("keep-alive") && !lower.contains("connection"),
+            "{head}"
+        );
+        assert_eq!(lower.matches("content-length").count(), 1, "{head}");
+        assert_eq!(lower.matches("\r\ndate: ").count(), 1, "{head}");
+        assert!(
+            head.contains("Date: Fri, 27 Nov 2026 16:00:00 GMT"),
+            "{head}"
+        );
+
+        // A header named by `connection` is removed.
+        let (head, _) = exchange(&at, "/hop-listed").await;
+        let lower = head.to_ascii_lowercase();
+        assert!(!lower.contains("x-secret"), "{head}");
+        assert!(lower.contains("x-other: 2"), "{head}");
+    }
+    // h2c (hyper's server) gets the same headers from a header map.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let resp = client
+        .request(
+            Request::get(at.url("main", "/hop"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-case"], "Kept As Sent");
+    assert_eq!(resp.headers()["server"], "scripted");
+    assert!(resp.headers().get("keep-alive").is_none());
 }

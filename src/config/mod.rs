@@ -435,6 +435,12 @@ pub struct HeaderOps {
     pub remove: Vec<HeaderName>,
 }
 
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub name: String,

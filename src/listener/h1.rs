@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use crate::error::ProxyError;
 use crate::proxy::{self, ClientBody, ConnCtx};
 use crate::telemetry::ListenerStats;
+use crate::upstream::RawFields;
 
 /// Headers in one request head (hyper's default limit too).
 const MAX_HEADERS: usize = 100;
@@ -319,7 +320,7 @@ async fn exchange(
     let req = match req {
         Ok(req) => req,
         Err(e) => {
-            return write_response(stream, out, e.response(), false, false)
+            return write_response(stream, out, e.response(), None, false, false)
                 .await
                 .ok()
         }
@@ -341,8 +342,10 @@ async fn exchange(
         Poll::Pending
     })
     .await?;
+    let mut resp = resp;
+    let raw = resp.body_mut().take_raw_fields();
     let keep_alive = !close && !draining.load(Ordering::Relaxed);
-    write_response(stream, out, resp, head_only, keep_alive)
+    write_response(stream, out, resp, raw, head_only, keep_alive)
         .await
         .ok()
 }
@@ -394,11 +397,13 @@ enum Framing {
 }
 
 /// Writes a response: head, then the body's frames as they come, each batch of ready frames
-/// in one vectored write. Returns whether the connection can carry another request.
+/// in one vectored write. `raw`: the upstream's header lines, written as they are before the
+/// header map's. Returns whether the connection can carry another request.
 async fn write_response<B>(
     stream: &mut TcpStream,
     out: &mut Out,
     resp: Response<B>,
+    raw: Option<RawFields>,
     head_only: bool,
     keep_alive: bool,
 ) -> io::Result<bool>
@@ -424,6 +429,7 @@ where
         &mut out.head,
         status,
         &parts.headers,
+        raw.as_ref(),
         &framing,
         head_length,
         keep_alive,
@@ -505,11 +511,13 @@ enum Step {
 
 /// Appends the status line and headers. Framing headers are attache's: the response's own
 /// `content-length`, `transfer-encoding` and `connection` are replaced, except that a
-/// response without a body (HEAD, 204, 304) keeps the `content-length` it has.
+/// response without a body (HEAD, 204, 304) keeps the `content-length` it has. `raw` lines
+/// come first, as they are: the upstream codec already left out what is replaced here.
 fn encode_head(
     buf: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
+    raw: Option<&RawFields>,
     framing: &Framing,
     head_length: Option<u64>,
     keep_alive: bool,
@@ -520,6 +528,12 @@ fn encode_head(
     buf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     buf.extend_from_slice(b"\r\n");
     let mut has_length = false;
+    let mut has_date = false;
+    if let Some(raw) = raw {
+        buf.extend_from_slice(&raw.lines);
+        has_length = raw.has_length;
+        has_date = raw.has_date;
+    }
     for (name, value) in headers {
         if *name == header::CONNECTION
             || *name == header::TRANSFER_ENCODING
@@ -547,7 +561,7 @@ fn encode_head(
             }
         }
     }
-    if !headers.contains_key(header::DATE) {
+    if !has_date && !headers.contains_key(header::DATE) {
         buf.extend_from_slice(b"date: ");
         date::append(buf);
         buf.extend_from_slice(b"\r\n");
@@ -754,6 +768,7 @@ mod tests {
             &mut buf,
             StatusCode::OK,
             &h,
+            None,
             &Framing::Length(12345),
             None,
             false,
@@ -767,6 +782,7 @@ mod tests {
             &mut buf,
             StatusCode::NOT_MODIFIED,
             &h,
+            None,
             &Framing::None,
             None,
             true,
@@ -783,6 +799,7 @@ mod tests {
             &mut buf,
             StatusCode::from_u16(599).unwrap(),
             &h,
+            None,
             &Framing::Chunked,
             None,
             true,

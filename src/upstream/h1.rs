@@ -175,13 +175,14 @@ impl Pool {
         self: &Arc<Self>,
         addr: SocketAddr,
         req: Request<ReqBody>,
+        raw: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
         match req.into_parts() {
             (parts, Either::Right(full))
                 if !parts.headers.contains_key(http::header::UPGRADE)
                     && parts.method != Method::CONNECT =>
             {
-                self.send_wire(addr, parts, full_bytes(full)).await
+                self.send_wire(addr, parts, full_bytes(full), raw).await
             }
             // Boxed: hyper's client state would size every request's future.
             (parts, body) => {
@@ -196,6 +197,7 @@ impl Pool {
         addr: SocketAddr,
         parts: http::request::Parts,
         body: Bytes,
+        raw: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let coalesce = body.len() <= COALESCE_BODY;
@@ -221,7 +223,7 @@ impl Pool {
                 written = conn.io.write_all(&body).await;
             }
             let head = match written {
-                Ok(()) => conn.read_head(&parts.method).await,
+                Ok(()) => conn.read_head(&parts.method, raw).await,
                 Err(e) => Err(HeadError::Closed(e)),
             };
             match head {
@@ -238,6 +240,7 @@ impl Pool {
                         addr,
                         state,
                         keep_alive: head.keep_alive,
+                        raw: head.raw,
                     }));
                     *resp.status_mut() = head.status;
                     *resp.version_mut() = head.version;
@@ -432,11 +435,11 @@ impl WireConn {
     }
 
     /// Reads the final response head (1xx heads before it are dropped).
-    async fn read_head(&mut self, method: &Method) -> Result<wire::Head, HeadError> {
+    async fn read_head(&mut self, method: &Method, raw: bool) -> Result<wire::Head, HeadError> {
         let mut received = false;
         loop {
             if !self.rbuf.is_empty() {
-                match wire::parse_response(&mut self.rbuf, method, &mut self.spans) {
+                match wire::parse_response(&mut self.rbuf, method, &mut self.spans, raw) {
                     Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                         return Err(HeadError::Protocol(wire::WireError(
                             "101 Switching Protocols to a request that asked for no upgrade".into(),
@@ -480,6 +483,17 @@ pub enum UpstreamBody {
     Client(Incoming),
 }
 
+impl UpstreamBody {
+    /// The header lines to write through, if the response was read with them (its header
+    /// map is then empty).
+    pub fn take_raw_fields(&mut self) -> Option<wire::RawFields> {
+        match self {
+            UpstreamBody::Wire(w) => w.raw.take(),
+            _ => None,
+        }
+    }
+}
+
 /// Where a wire response body is.
 enum BodyState {
     Length(u64),
@@ -497,6 +511,9 @@ pub struct WireBody {
     addr: SocketAddr,
     state: BodyState,
     keep_alive: bool,
+    /// The response's header lines, when they are to be written through (see
+    /// [`wire::RawFields`]); taken by the server that writes the response.
+    raw: Option<wire::RawFields>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -83,23 +83,72 @@ pub enum Framing {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// Empty when the head was kept as [`RawFields`] instead.
     pub headers: HeaderMap,
     pub framing: Framing,
     /// The connection can carry another request after this response.
     pub keep_alive: bool,
+    /// The header lines to write through unchanged, when they were asked for and the
+    /// response allows it.
+    pub raw: Option<RawFields>,
+}
+
+/// A response's header lines as the upstream wrote them (each checked by the parser, each
+/// ending in CRLF), without the hop-by-hop and framing headers: what attache's HTTP/1.1
+/// server writes to the client as they are, instead of building a header map from them
+/// and encoding it again. Usually one slice of the received head, copied only when a
+/// removed header sat between kept ones.
+#[derive(Debug, Clone)]
+pub struct RawFields {
+    pub lines: Bytes,
+    /// A `date` line is among them.
+    pub has_date: bool,
+    /// A `content-length` line is among them (kept only on responses without a body).
+    pub has_length: bool,
 }
 
 /// Where one header's name and value lie within a response head.
 pub type Span = (usize, usize, usize, usize);
 
+/// What a response header means to the codec.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Hop-by-hop, never forwarded: `keep-alive`, `proxy-connection`, `te`, `upgrade`.
+    HopByHop,
+    Date,
+    Other,
+}
+
+fn field(name: &[u8]) -> Field {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        14 if is(b"content-length") => Field::ContentLength,
+        17 if is(b"transfer-encoding") => Field::TransferEncoding,
+        10 if is(b"connection") => Field::Connection,
+        10 if is(b"keep-alive") => Field::HopByHop,
+        16 if is(b"proxy-connection") => Field::HopByHop,
+        2 if is(b"te") => Field::HopByHop,
+        7 if is(b"upgrade") => Field::HopByHop,
+        4 if is(b"date") => Field::Date,
+        _ => Field::Other,
+    }
+}
+
 /// Parses a response head from the front of `buf` and removes it from `buf`; `Ok(None)`
 /// while the head is incomplete. Header values share the head's memory (no copies).
 /// `spans` is scratch space, kept by the connection so that parsing allocates nothing and
 /// initialises no fixed-size array (the parser's header slots are left uninitialised too).
+/// With `want_raw`, a response below 400 whose `connection` header names no other header
+/// keeps its header lines as [`RawFields`] and gets an empty header map; error responses
+/// always get the map (retries read `retry-after`).
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
     spans: &mut Vec<Span>,
+    want_raw: bool,
 ) -> Result<Option<Head>, WireError> {
     // Offsets of each header's name and value within the head, so that values can be
     // sliced out of the frozen head once the parser's borrow of `buf` has ended.
@@ -137,52 +186,65 @@ pub fn parse_response(
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let bodiless = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
     let mut keep_alive = version == Version::HTTP_11;
     let mut length: Option<u64> = None;
     let mut chunked = None;
+    // Raw lines: kept while `connection` names nothing else and the status allows it.
+    let mut lines = (want_raw && code < 400).then(Lines::default);
+    let mut has_date = false;
     for &(ns, ne, vs, ve) in spans.iter() {
-        let name = HeaderName::from_bytes(&head[ns..ne])
-            .map_err(|_| WireError("invalid response header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| WireError(format!("invalid value of response header {name}")))?;
-        if name == header::CONTENT_LENGTH {
-            let n = parse_content_length(value.as_bytes())?;
-            if length.is_some_and(|l| l != n) {
-                return err("conflicting content-length headers");
+        let value = &head[vs..ve];
+        let kind = field(&head[ns..ne]);
+        match kind {
+            Field::ContentLength => {
+                let n = parse_content_length(value)?;
+                if length.is_some_and(|l| l != n) {
+                    return err("conflicting content-length headers");
+                }
+                length = Some(n);
             }
-            length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
-            // Only the last coding decides; anything but chunked last reads until close.
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    keep_alive = true;
+            Field::TransferEncoding => {
+                // Only the last coding decides; anything but chunked last reads until close.
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            Field::Connection => {
+                for token in value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive |= version == Version::HTTP_10;
+                    } else if !token.is_empty() {
+                        // It names a header to remove: the header map's path does that.
+                        lines = None;
+                    }
                 }
             }
+            Field::Date => has_date = true,
+            Field::HopByHop | Field::Other => {}
         }
-        headers.append(name, value);
+        if let Some(l) = lines.as_mut() {
+            let keep = match kind {
+                Field::Other | Field::Date => true,
+                Field::ContentLength => bodiless,
+                _ => false,
+            };
+            if keep {
+                l.keep(&head, ns, ve);
+            }
+        }
     }
-    let framing = if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    let framing = if bodiless {
         Framing::Empty
     } else if let Some(chunked) = chunked {
         // RFC 9112 §6.3: transfer-encoding overrides content-length, and such a message
         // may be an attempt at request smuggling: never reuse its connection.
         if length.is_some() {
-            headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
         if chunked && version == Version::HTTP_11 {
@@ -198,13 +260,86 @@ pub fn parse_response(
     if framing == Framing::Close {
         keep_alive = false;
     }
+    let (headers, raw) = match lines {
+        // A bodiless answer with both transfer-encoding and content-length keeps neither.
+        Some(l) if !(bodiless && chunked.is_some() && length.is_some()) => (
+            HeaderMap::new(),
+            Some(RawFields {
+                lines: l.finish(&head),
+                has_date,
+                has_length: bodiless && length.is_some(),
+            }),
+        ),
+        _ => {
+            let mut headers = HeaderMap::with_capacity(spans.len());
+            for &(ns, ne, vs, ve) in spans.iter() {
+                let name = HeaderName::from_bytes(&head[ns..ne])
+                    .map_err(|_| WireError("invalid response header name".into()))?;
+                let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                    .map_err(|_| WireError(format!("invalid value of response header {name}")))?;
+                headers.append(name, value);
+            }
+            if chunked.is_some() && length.is_some() {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+            (headers, None)
+        }
+    };
     Ok(Some(Head {
         status,
         version,
         headers,
         framing,
         keep_alive,
+        raw,
     }))
+}
+
+/// Header lines kept for [`RawFields`]: one range of the head while they are contiguous,
+/// a copy once a removed line broke the run.
+#[derive(Default)]
+struct Lines {
+    /// The contiguous run so far: `start..end` of the head (end after the CRLF).
+    run: Option<(usize, usize)>,
+    copy: Option<Vec<u8>>,
+}
+
+impl Lines {
+    /// Keeps the line whose name starts at `ns` and whose value ends at `ve`.
+    fn keep(&mut self, head: &Bytes, ns: usize, ve: usize) {
+        // The parser trims a value's trailing whitespace: the line ends at the next CRLF.
+        let eol = head[ve..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(head.len(), |i| ve + i + 1);
+        // A line that ends in a bare LF (the parser accepts it) is written with CRLF.
+        let crlf = head[..eol].ends_with(b"\r\n");
+        if self.copy.is_none() {
+            match self.run {
+                None if crlf => return self.run = Some((ns, eol)),
+                Some((start, end)) if crlf && end == ns => return self.run = Some((start, eol)),
+                _ => {
+                    let mut copy = Vec::with_capacity(head.len());
+                    if let Some((start, end)) = self.run {
+                        copy.extend_from_slice(&head[start..end]);
+                    }
+                    self.copy = Some(copy);
+                }
+            }
+        }
+        if let Some(copy) = self.copy.as_mut() {
+            copy.extend_from_slice(&head[ns..ve]);
+            copy.extend_from_slice(b"\r\n");
+        }
+    }
+
+    fn finish(self, head: &Bytes) -> Bytes {
+        match (self.copy, self.run) {
+            (Some(copy), _) => Bytes::from(copy),
+            (None, Some((start, end))) => head.slice(start..end),
+            (None, None) => Bytes::new(),
+        }
+    }
 }
 
 fn parse_content_length(v: &[u8]) -> Result<u64, WireError> {
@@ -354,7 +489,113 @@ mod tests {
 
     fn parse(text: &str, method: Method) -> Result<Option<Head>, WireError> {
         let mut buf = BytesMut::from(text.as_bytes());
-        parse_response(&mut buf, &method, &mut Vec::new())
+        parse_response(&mut buf, &method, &mut Vec::new(), false)
+    }
+
+    fn parse_raw(text: &str, method: Method) -> Head {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_response(&mut buf, &method, &mut Vec::new(), true)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn lines(h: &Head) -> &[u8] {
+        &h.raw.as_ref().expect("raw lines").lines
+    }
+
+    #[test]
+    fn raw_lines_are_the_upstreams_minus_framing_and_hop_by_hop() {
+        // nginx's head: the kept lines are one slice of it.
+        let h = parse_raw(
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Fri, 27 Nov 2026 16:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
+            Method::GET,
+        );
+        assert_eq!(
+            lines(&h),
+            b"Server: nginx\r\nDate: Fri, 27 Nov 2026 16:00:00 GMT\r\nContent-Type: text/plain\r\n"
+        );
+        let raw = h.raw.as_ref().unwrap();
+        assert!(raw.has_date && !raw.has_length);
+        assert!(h.headers.is_empty());
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(5), true));
+
+        // A removed line between kept ones, a bare LF, trailing blanks and every hop-by-hop
+        // header: the kept lines are copied, each ending in CRLF.
+        let h = parse_raw(
+            "HTTP/1.1 200 OK\r\nA: 1\r\nTransfer-Encoding: chunked\r\nB: 2  \nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Connection: x\r\nC: 3\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(lines(&h), b"A: 1\r\nB: 2\r\nC: 3\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.raw.as_ref().unwrap().has_date);
+
+        // No header at all.
+        let h = parse_raw("HTTP/1.1 204 No Content\r\n\r\n", Method::GET);
+        assert_eq!(lines(&h), b"");
+    }
+
+    #[test]
+    fn a_bodiless_raw_answer_keeps_its_content_length() {
+        let h = parse_raw(
+            "HTTP/1.1 200 OK\r\nContent-Length: 42\r\nETag: x\r\n\r\n",
+            Method::HEAD,
+        );
+        assert_eq!(lines(&h), b"Content-Length: 42\r\nETag: x\r\n");
+        assert!(h.raw.as_ref().unwrap().has_length);
+        assert_eq!(h.framing, Framing::Empty);
+    }
+
+    #[test]
+    fn errors_and_connection_lists_get_a_header_map() {
+        for (text, why) in [
+            (
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n",
+                "a retry may read retry-after",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nx-secret: 1\r\nContent-Length: 0\r\n\r\n",
+                "connection names a header to remove",
+            ),
+        ] {
+            let h = parse_raw(text, Method::GET);
+            assert!(h.raw.is_none(), "{why}");
+            assert!(!h.headers.is_empty(), "{why}");
+        }
+    }
+
+    #[test]
+    fn raw_and_header_map_parses_frame_alike() {
+        let heads = [
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\n\r\n",
+            "HTTP/1.1 302 Found\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n",
+        ];
+        for text in heads {
+            for method in [Method::GET, Method::HEAD] {
+                let a = parse(text, method.clone()).unwrap().unwrap();
+                let b = parse_raw(text, method.clone());
+                assert_eq!(
+                    (a.status, a.version, a.framing, a.keep_alive),
+                    (b.status, b.version, b.framing, b.keep_alive),
+                    "{text:?} {method}"
+                );
+                assert!(a.raw.is_none(), "{text:?}");
+                // A bodiless answer with both framings is the one that keeps a header map.
+                let both = text.contains("chunked\r\nContent-Length");
+                assert_eq!(
+                    b.raw.is_some(),
+                    !(both && method == Method::HEAD),
+                    "{text:?}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -554,7 +795,7 @@ mod tests {
                 let mut text = if prefix { b"HTTP/1.1 200 OK\r\n".to_vec() } else { Vec::new() };
                 text.extend_from_slice(&data);
                 let mut buf = BytesMut::from(&text[..]);
-                let _ = parse_response(&mut buf, &Method::GET, &mut Vec::new());
+                let _ = parse_response(&mut buf, &Method::GET, &mut Vec::new(), true);
                 let _ = decode_all(&data, 13);
             }
         }
