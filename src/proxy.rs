@@ -6,6 +6,7 @@
 //! with the response body and records when the body ends or is dropped, so durations and byte
 //! counts include the body, and nothing is missed on any exit path.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -404,15 +405,13 @@ async fn execute(
     } else {
         TryBody::Stream(Some(incoming))
     };
-    let replay_head = (replay_wanted && matches!(body, TryBody::Replay(_))).then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.version,
-            parts.headers.clone(),
-        )
-    });
+    // The client's head. Tries to HTTP/1.1 clusters with the body in memory encode their
+    // request from it and leave it as it is, so retries and hedges need no copy; a try that
+    // must own its request (HTTP/2, upgrades, a streamed body) takes it, and a copy is kept
+    // first when a replay may follow.
+    let upgrade = is_upgrade(parts.version, &parts.headers) || parts.method == Method::CONNECT;
     let mut original = Some(parts);
+    let mut replay_head: Option<(Method, Uri, Version, HeaderMap)> = None;
 
     let mut attempt_no = 0u32;
     let mut tried_shards: Vec<ShardId> = Vec::new();
@@ -469,19 +468,28 @@ async fn execute(
         };
 
         // The request for this try.
-        let req = match (original.take(), &mut body) {
-            (Some(p), TryBody::Stream(b)) => match b.take() {
-                Some(b) => Request::from_parts(p, Either::Left(b)),
-                None => Request::from_parts(p, Either::Right(Full::new(Bytes::new()))),
+        let wire = !upgrade && cluster.config.protocol == crate::config::UpstreamProtocol::Http1;
+        let req = match (&mut body, original.as_ref()) {
+            (TryBody::Replay(b), Some(p)) if wire => TryReq::Wire {
+                parts: p,
+                body: b.clone(),
             },
-            (Some(p), TryBody::Replay(b)) => {
-                Request::from_parts(p, Either::Right(Full::new(b.clone())))
+            (TryBody::Replay(b), _) => {
+                if replay_wanted && replay_head.is_none() {
+                    replay_head = original.as_ref().map(copy_head);
+                }
+                match (original.take(), &replay_head) {
+                    (Some(p), _) => {
+                        TryReq::Owned(Request::from_parts(p, Either::Right(Full::new(b.clone()))))
+                    }
+                    (None, Some(h)) => TryReq::Owned(rebuild(h, b.clone())),
+                    (None, None) => unreachable_retry()?,
+                }
             }
-            (None, TryBody::Replay(b)) => match &replay_head {
-                Some(h) => rebuild(h, b.clone()),
-                None => unreachable_retry()?,
+            (TryBody::Stream(b), _) => match (original.take(), b.take()) {
+                (Some(p), Some(b)) => TryReq::Owned(Request::from_parts(p, Either::Left(b))),
+                _ => unreachable_retry()?,
             },
-            (None, TryBody::Stream(_)) => unreachable_retry()?,
         };
         let Some(endpoint) = cluster.pick(key, avoid) else {
             release_probe(cluster, admit);
@@ -491,9 +499,17 @@ async fn execute(
             return Err(finish_error(e, targets, snap, conn));
         };
         let try_timeout = per_try.min(deadline.saturating_duration_since(Instant::now()));
-        let hedge = match (route.hedge, &replay_head, &body) {
-            (Some(delay), Some(h), TryBody::Replay(b)) if safe && attempt_no == 1 => {
-                Some((delay, rebuild(h, b.clone())))
+        let hedge = match (route.hedge, &body) {
+            (Some(delay), TryBody::Replay(b)) if safe && attempt_no == 1 => {
+                let second = match (&req, &replay_head) {
+                    (TryReq::Wire { parts, body }, _) => Some(TryReq::Wire {
+                        parts,
+                        body: body.clone(),
+                    }),
+                    (TryReq::Owned(_), Some(h)) => Some(TryReq::Owned(rebuild(h, b.clone()))),
+                    (TryReq::Owned(_), None) => None,
+                };
+                second.map(|s| (delay, s))
             }
             _ => None,
         };
@@ -549,7 +565,7 @@ async fn execute(
         done.endpoint = Some(sent.in_flight);
 
         // Retry? Only within the policy, the budget and the deadline, and with a body to send.
-        let can_replay = replay_head.is_some();
+        let can_replay = replay_wanted && matches!(body, TryBody::Replay(_));
         let retry_after = match &sent.result {
             Ok(resp) => crate::resilience::retry::retry_after(resp.headers()),
             Err(_) => None,
@@ -700,8 +716,8 @@ impl Sent {
 /// and the other is dropped (cancelled).
 #[allow(clippy::too_many_arguments)]
 async fn send_hedged(
-    req: Request<ReqBody>,
-    (delay, second): (std::time::Duration, Request<ReqBody>),
+    req: TryReq<'_>,
+    (delay, second): (std::time::Duration, TryReq<'_>),
     snap: &Snapshot,
     cluster_id: usize,
     key: Option<u64>,
@@ -752,10 +768,10 @@ async fn send_hedged(
 
 /// Sends one try to one endpoint, bounded by `timeout`. With `raw`, a response read by
 /// attache's HTTP/1.1 codec may keep its header lines for the client as they are (see
-/// [`crate::upstream::RawFields`]) instead of a header map.
+/// [`crate::upstream::wire::RawFields`]) instead of a header map.
 #[allow(clippy::too_many_arguments)]
 async fn send_one(
-    mut req: Request<ReqBody>,
+    req: TryReq<'_>,
     snap: &Snapshot,
     cluster_id: usize,
     endpoint: Arc<Endpoint>,
@@ -768,15 +784,22 @@ async fn send_one(
     use crate::resilience::Outcome;
     let cluster = &snap.clusters[cluster_id];
     let in_flight = endpoint.start_request();
-    let client_upgrade = match prepare_request(
-        &mut req,
-        route,
-        forwarded,
-        conn,
-        &endpoint,
-        cluster.config.protocol,
-    ) {
-        Ok(u) => u,
+    let prepared = match req {
+        TryReq::Owned(mut req) => prepare_request(
+            &mut req,
+            route,
+            forwarded,
+            conn,
+            &endpoint,
+            cluster.config.protocol,
+        )
+        .map(|upgrade| (upgrade, Either::Left(req))),
+        TryReq::Wire { parts, body } => {
+            upstream_path(&parts.uri, route).map(|path| (None, Either::Right((parts, path, body))))
+        }
+    };
+    let (client_upgrade, req) = match prepared {
+        Ok(p) => p,
         Err(e) => {
             return Sent {
                 result: Err(e),
@@ -792,14 +815,43 @@ async fn send_one(
     cluster.stats.requests.inc();
     cluster.stats.active.inc();
     let sent = Instant::now();
-    let result = match cluster.config.protocol {
-        crate::config::UpstreamProtocol::Http1 => {
+    let result = match (cluster.config.protocol, req) {
+        (crate::config::UpstreamProtocol::Http1, Either::Right((parts, path, body))) => {
+            let pool = cluster.pool(conn.worker);
+            let encode = |buf: &mut Vec<u8>| {
+                encode_upstream_request(buf, parts, &path, route, forwarded, conn, body.len())
+            };
+            let send = pool.send_encoded(endpoint.addr, &parts.method, &encode, &body, raw);
+            tokio::time::timeout(timeout, send)
+                .await
+                .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
+        }
+        (crate::config::UpstreamProtocol::Http1, Either::Left(req)) => {
             let pool = cluster.pool(conn.worker);
             tokio::time::timeout(timeout, pool.send(endpoint.addr, req, raw))
                 .await
                 .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
         }
-        crate::config::UpstreamProtocol::Http2 => {
+        (crate::config::UpstreamProtocol::Http2, req) => {
+            // Wire tries go to HTTP/1.1 clusters only (see `execute`); one that did not
+            // would be sent here as a copy.
+            let req = match req {
+                Either::Left(req) => req,
+                Either::Right((parts, _, body)) => {
+                    let mut req = rebuild(&copy_head(parts), body);
+                    if let Err(e) = prepare_request(
+                        &mut req,
+                        route,
+                        forwarded,
+                        conn,
+                        &endpoint,
+                        cluster.config.protocol,
+                    ) {
+                        tracing::debug!(error = %e, "could not shape a copied request");
+                    }
+                    req
+                }
+            };
             let client = cluster.client(conn.worker);
             tokio::time::timeout(timeout, client.request(req))
                 .await
@@ -899,6 +951,30 @@ fn shard_unavailable(
     }
 }
 
+/// One try's request: owned by the try, or the client's head, borrowed and encoded.
+// Not boxed: a try's request is moved once, into its future; a box would allocate per try.
+#[allow(clippy::large_enum_variant)]
+enum TryReq<'p> {
+    /// Shaped in place by [`prepare_request`] and moved into the try (HTTP/2 clusters,
+    /// upgrades, streamed bodies).
+    Owned(Request<ReqBody>),
+    /// Encoded by [`encode_upstream_request`] from the client's head, which stays as it is.
+    Wire {
+        parts: &'p http::request::Parts,
+        body: Bytes,
+    },
+}
+
+/// What a replay needs of a request head (extensions are not kept).
+fn copy_head(p: &http::request::Parts) -> (Method, Uri, Version, HeaderMap) {
+    (
+        p.method.clone(),
+        p.uri.clone(),
+        p.version,
+        p.headers.clone(),
+    )
+}
+
 fn rebuild(head: &(Method, Uri, Version, HeaderMap), body: Bytes) -> Request<ReqBody> {
     let mut req = Request::new(Either::Right(Full::new(body)));
     *req.method_mut() = head.0.clone();
@@ -938,7 +1014,7 @@ pub(crate) async fn attempt(
         });
     };
     let sent = send_one(
-        req,
+        TryReq::Owned(req),
         snap,
         cluster_id,
         endpoint,
@@ -990,17 +1066,9 @@ pub(crate) fn prepare_request(
     }
 
     // The upstream URI: the endpoint's address, the (maybe rewritten) path and the query.
-    let path_and_query = match (&route.rewrite_prefix, &route.matcher.path) {
-        (Some(to), Some(crate::config::PathMatch::Prefix(from))) => {
-            let path = route::rewrite_prefix(req.uri().path(), from, to);
-            let text = match req.uri().query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.into_owned(),
-            };
-            http::uri::PathAndQuery::try_from(text)
-                .map_err(|e| ProxyError::BadRequest(format!("rewritten path is invalid: {e}")))?
-        }
-        _ => req
+    let path_and_query = match rewritten_path(req.uri(), route) {
+        Some(p) => p?,
+        None => req
             .uri()
             .path_and_query()
             .cloned()
@@ -1039,6 +1107,131 @@ pub(crate) fn prepare_request(
     Ok(client_upgrade)
 }
 
+/// The route's prefix rewrite of the path (the query kept), when it has one.
+fn rewritten_path(uri: &Uri, route: &Route) -> Option<Result<http::uri::PathAndQuery, ProxyError>> {
+    let (Some(to), Some(crate::config::PathMatch::Prefix(from))) =
+        (&route.rewrite_prefix, &route.matcher.path)
+    else {
+        return None;
+    };
+    let path = route::rewrite_prefix(uri.path(), from, to);
+    let text = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    Some(
+        http::uri::PathAndQuery::try_from(text)
+            .map_err(|e| ProxyError::BadRequest(format!("rewritten path is invalid: {e}"))),
+    )
+}
+
+/// The origin-form path and query an HTTP/1.1 upstream gets.
+fn upstream_path<'u>(uri: &'u Uri, route: &Route) -> Result<Cow<'u, str>, ProxyError> {
+    Ok(match rewritten_path(uri, route) {
+        Some(p) => Cow::Owned(p?.as_str().to_owned()),
+        None => Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
+    })
+}
+
+/// Writes the HTTP/1.1 request that [`prepare_request`] would make of the client's head,
+/// straight from that head, which stays as it is: hop-by-hop headers (and those `connection`
+/// names) left out, the forwarding headers joined or added, the route's header operations
+/// applied, `host` from the URI when the client sent none, and the length the body needs.
+/// For requests without an upgrade whose body is in memory (`body_len` bytes).
+pub(crate) fn encode_upstream_request(
+    buf: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    path: &str,
+    route: &Route,
+    forwarded: &Forwarded,
+    conn: &ConnCtx,
+    body_len: usize,
+) {
+    use crate::upstream::wire;
+    let headers = &parts.headers;
+    let ops = &route.request_headers;
+    // The route's operations win over everything: a name it removes or sets is dropped here.
+    let replaced =
+        |name: &HeaderName| ops.remove.contains(name) || ops.add.iter().any(|(n, _)| n == name);
+    let connection_names = |name: &HeaderName| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes().split(|&b| b == b',').any(|t| {
+                t.trim_ascii()
+                    .eq_ignore_ascii_case(name.as_str().as_bytes())
+            })
+        })
+    };
+    let has_connection = headers.contains_key(header::CONNECTION);
+    wire::request_line(buf, &parts.method, path);
+    let mut has_length = false;
+    let mut xff_done = !forwarded.x_forwarded_for || replaced(&X_FORWARDED_FOR);
+    let mut via_done = !forwarded.via || replaced(&header::VIA);
+    let mut last: Option<&HeaderName> = None;
+    for (name, value) in headers {
+        let first_of_name = last != Some(name);
+        last = Some(name);
+        if *name == header::CONNECTION
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::UPGRADE
+            || *name == KEEP_ALIVE
+            || *name == PROXY_CONNECTION
+            || (*name == header::TE && !value.as_bytes().eq_ignore_ascii_case(b"trailers"))
+            || (*name == X_FORWARDED_PROTO && forwarded.x_forwarded_proto)
+            || replaced(name)
+            || (has_connection && connection_names(name))
+        {
+            continue;
+        }
+        // A list attache adds to goes out as one line: the client's values, then attache's.
+        let added = if *name == X_FORWARDED_FOR && forwarded.x_forwarded_for {
+            Some((&mut xff_done, &conn.client_ip))
+        } else if *name == header::VIA && forwarded.via {
+            Some((&mut via_done, &VIA_ATTACHE))
+        } else {
+            None
+        };
+        match added {
+            Some((done, ours)) => {
+                if first_of_name {
+                    buf.extend_from_slice(name.as_str().as_bytes());
+                    buf.extend_from_slice(b": ");
+                    for v in headers.get_all(name) {
+                        buf.extend_from_slice(v.as_bytes());
+                        buf.extend_from_slice(b", ");
+                    }
+                    buf.extend_from_slice(ours.as_bytes());
+                    buf.extend_from_slice(b"\r\n");
+                    *done = true;
+                }
+            }
+            None => {
+                has_length |= *name == header::CONTENT_LENGTH;
+                wire::field_line(buf, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+    }
+    if !headers.contains_key(header::HOST) && !replaced(&header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            wire::field_line(buf, b"host", a.as_str().as_bytes());
+        }
+    }
+    if !xff_done {
+        wire::field_line(buf, b"x-forwarded-for", conn.client_ip.as_bytes());
+    }
+    if forwarded.x_forwarded_proto && !replaced(&X_FORWARDED_PROTO) {
+        wire::field_line(buf, b"x-forwarded-proto", b"http");
+    }
+    if !via_done {
+        wire::field_line(buf, b"via", VIA_ATTACHE.as_bytes());
+    }
+    for (name, value) in &ops.add {
+        has_length |= *name == header::CONTENT_LENGTH;
+        wire::field_line(buf, name.as_str().as_bytes(), value.as_bytes());
+    }
+    wire::end_request_head(buf, &parts.method, has_length, body_len);
+}
+
+static VIA_ATTACHE: HeaderValue = HeaderValue::from_static("1.1 attache");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -1368,7 +1561,7 @@ impl ProxyBody {
 
     /// The upstream's header lines to write through as they are, when the response carries
     /// them (its header map then holds only what attache added).
-    pub fn take_raw_fields(&mut self) -> Option<crate::upstream::RawFields> {
+    pub fn take_raw_fields(&mut self) -> Option<crate::upstream::wire::RawFields> {
         match &mut self.inner {
             Either::Left(up) => up.take_raw_fields(),
             Either::Right(_) => None,
@@ -1435,6 +1628,136 @@ mod tests {
         let f = handle(Request::new(ClientBody::Empty), ctx);
         let size = std::mem::size_of_val(&f);
         assert!(size < 8 * 1024, "request future: {size} bytes");
+    }
+
+    /// A request head as a comparable value: the request line, then its fields, lower-cased
+    /// names, sorted.
+    fn head_of(bytes: &[u8]) -> (String, Vec<(String, String)>) {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(
+            req.parse(bytes).unwrap().is_complete(),
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+        let line = format!("{} {}", req.method.unwrap(), req.path.unwrap());
+        let mut fields: Vec<(String, String)> = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8(h.value.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        fields.sort();
+        (line, fields)
+    }
+
+    /// The upstream request encoded from the client's head is the one `prepare_request`
+    /// makes in place and `wire::encode_request` writes, for every kind of header handling.
+    #[test]
+    fn encoding_from_the_head_equals_preparing_in_place() {
+        let route_yaml = [
+            "{ cluster: a }",
+            "{ cluster: a, match: { path: { prefix: /api } }, rewrite: { prefix: /v2 }, request_headers: { add: { x-team: feed, host: internal }, remove: [x-secret, x-forwarded-proto] } }",
+        ];
+        let forwarded_yaml = ["", "    forwarded: { via: true, x_forwarded_for: false }\n"];
+        let cases: &[(&str, &str, &[(&str, &str)], usize)] = &[
+            ("GET", "/api/x?y=1", &[("host", "h"), ("accept", "*/*")], 0),
+            (
+                "GET",
+                "/api/x",
+                &[
+                    ("host", "h"),
+                    ("connection", "keep-alive, x-hop"),
+                    ("x-hop", "1"),
+                    ("keep-alive", "timeout=5"),
+                    ("proxy-connection", "keep-alive"),
+                    ("upgrade", "h2c"),
+                    ("te", "gzip"),
+                    ("x-secret", "s"),
+                ],
+                0,
+            ),
+            ("GET", "/api/x", &[("host", "h"), ("te", "trailers")], 0),
+            (
+                "GET",
+                "/api/x",
+                &[
+                    ("host", "h"),
+                    ("x-forwarded-for", "1.2.3.4"),
+                    ("via", "1.0 edge"),
+                    ("x-forwarded-proto", "https"),
+                ],
+                0,
+            ),
+            ("GET", "http://up.example:81/api/x", &[("accept", "*/*")], 0),
+            ("POST", "/api/x", &[("host", "h")], 5),
+            (
+                "POST",
+                "/api/x",
+                &[("host", "h"), ("content-length", "5")],
+                5,
+            ),
+            ("DELETE", "/api/x", &[("host", "h")], 0),
+        ];
+        for route in route_yaml {
+            for fwd in forwarded_yaml {
+                let yaml = format!(
+                    "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n{fwd}    routes: [ {route} ]\nclusters:\n  a: {{ endpoints: [\"127.0.0.1:1\"] }}\n"
+                );
+                let cfg =
+                    crate::config::Config::parse(&yaml, std::path::Path::new("x.yaml")).unwrap();
+                let ListenerKind::Http { routes, forwarded } = &cfg.listeners[0].kind else {
+                    panic!("http listener")
+                };
+                let (route, forwarded) = (routes[0].clone(), *forwarded);
+                let shared = Shared::new(cfg, "x.yaml".into(), 1, crate::telemetry::AccessLog::Off);
+                let endpoint = shared.snapshot.load().clusters[0].pick(None, None).unwrap();
+                let ctx = ConnCtx::new(shared, 0, 0, "10.0.0.9:1".parse().unwrap());
+                for (method, uri, fields, body_len) in cases {
+                    let mut req = Request::builder().method(*method).uri(*uri);
+                    for (n, v) in fields.iter() {
+                        req = req.header(*n, *v);
+                    }
+                    let (parts, ()) = req.body(()).unwrap().into_parts();
+                    let body = Bytes::from(vec![b'x'; *body_len]);
+
+                    let mut in_place = rebuild(&copy_head(&parts), body.clone());
+                    prepare_request(
+                        &mut in_place,
+                        &route,
+                        &forwarded,
+                        &ctx,
+                        &endpoint,
+                        crate::config::UpstreamProtocol::Http1,
+                    )
+                    .unwrap();
+                    let mut a = Vec::new();
+                    crate::upstream::wire::encode_request(
+                        &mut a,
+                        in_place.method(),
+                        in_place.uri().path_and_query().unwrap().as_str(),
+                        in_place.headers(),
+                        *body_len,
+                    );
+
+                    let mut b = Vec::new();
+                    let path = upstream_path(&parts.uri, &route).unwrap();
+                    encode_upstream_request(
+                        &mut b, &parts, &path, &route, &forwarded, &ctx, *body_len,
+                    );
+                    assert_eq!(
+                        head_of(&a),
+                        head_of(&b),
+                        "{method} {uri} {fields:?} on {} with forwarded {fwd:?}",
+                        route.name
+                    );
+                }
+            }
+        }
     }
 
     fn names(h: &HeaderMap) -> Vec<&str> {

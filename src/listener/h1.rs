@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use crate::error::ProxyError;
 use crate::proxy::{self, ClientBody, ConnCtx};
 use crate::telemetry::ListenerStats;
-use crate::upstream::RawFields;
+use crate::upstream::wire::RawFields;
 
 /// Headers in one request head (hyper's default limit too).
 const MAX_HEADERS: usize = 100;

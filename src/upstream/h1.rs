@@ -200,6 +200,24 @@ impl Pool {
         raw: bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let encode = |buf: &mut Vec<u8>| {
+            wire::encode_request(buf, &parts.method, path, &parts.headers, body.len())
+        };
+        self.send_encoded(addr, &parts.method, &encode, &body, raw)
+            .await
+    }
+
+    /// Sends a request whose head `encode` writes (into an empty buffer) and whose body is
+    /// `body`, with attache's own codec. `encode` runs again if a pooled connection turns
+    /// out to be closed and the request goes on a fresh one.
+    pub async fn send_encoded(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        method: &Method,
+        encode: &(dyn Fn(&mut Vec<u8>) + Sync),
+        body: &Bytes,
+        raw: bool,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let coalesce = body.len() <= COALESCE_BODY;
         loop {
             let (mut conn, reused) = match self.checkout(addr, true).await {
@@ -208,22 +226,16 @@ impl Pool {
                 _ => (Box::pin(self.connect_wire(addr)).await?, false),
             };
             conn.wbuf.clear();
-            wire::encode_request(
-                &mut conn.wbuf,
-                &parts.method,
-                path,
-                &parts.headers,
-                body.len(),
-            );
+            encode(&mut conn.wbuf);
             if coalesce {
-                conn.wbuf.extend_from_slice(&body);
+                conn.wbuf.extend_from_slice(body);
             }
             let mut written = conn.io.write_all(&conn.wbuf).await;
             if written.is_ok() && !coalesce {
-                written = conn.io.write_all(&body).await;
+                written = conn.io.write_all(body).await;
             }
             let head = match written {
-                Ok(()) => conn.read_head(&parts.method, raw).await,
+                Ok(()) => conn.read_head(method, raw).await,
                 Err(e) => Err(HeadError::Closed(e)),
             };
             match head {
@@ -250,7 +262,7 @@ impl Pool {
                 // A pooled connection the upstream had closed (the keep-alive race): nothing
                 // of a response came back, so an idempotent request goes again on a fresh
                 // connection (RFC 9110 §9.2.2).
-                Err(HeadError::Closed(_)) if reused && parts.method.is_idempotent() => {}
+                Err(HeadError::Closed(_)) if reused && method.is_idempotent() => {}
                 Err(HeadError::Closed(e) | HeadError::Io(e)) => return Err(SendError::Io(e)),
                 Err(HeadError::Protocol(e)) => return Err(SendError::Protocol(e)),
             }

@@ -11,8 +11,7 @@
 
 pub mod h1;
 mod health;
-mod wire;
-pub use wire::RawFields;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};

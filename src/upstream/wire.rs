@@ -44,20 +44,40 @@ pub fn encode_request(
     headers: &HeaderMap,
     body_len: usize,
 ) {
+    request_line(buf, method, path_and_query);
+    for (name, value) in headers {
+        field_line(buf, name.as_str().as_bytes(), value.as_bytes());
+    }
+    end_request_head(
+        buf,
+        method,
+        headers.contains_key(header::CONTENT_LENGTH),
+        body_len,
+    );
+}
+
+/// `METHOD PATH HTTP/1.1` and its CRLF.
+pub fn request_line(buf: &mut Vec<u8>, method: &Method, path_and_query: &str) {
     buf.extend_from_slice(method.as_str().as_bytes());
     buf.push(b' ');
     buf.extend_from_slice(path_and_query.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
+}
+
+/// `name: value` and its CRLF.
+pub fn field_line(buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    buf.extend_from_slice(name);
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value);
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// The `content-length` a request head needs (see [`encode_request`]) and the blank line.
+pub fn end_request_head(buf: &mut Vec<u8>, method: &Method, has_length: bool, body_len: usize) {
     let wants_length = body_len > 0
         || matches!(*method, Method::POST | Method::PUT | Method::PATCH)
         || method.as_str() == "QUERY";
-    if wants_length && !headers.contains_key(header::CONTENT_LENGTH) {
+    if wants_length && !has_length {
         use std::io::Write as _;
         // Writing to a Vec cannot fail.
         let _ = write!(buf, "content-length: {body_len}\r\n");
