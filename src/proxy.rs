@@ -251,14 +251,12 @@ async fn forward(
                 .await?;
                 return Ok(resp.map(Either::Right));
             }
-            plan = Box::pin(shard::plan(
-                set,
-                snap.directory_of(set),
-                &head,
-                &decision.captures,
-                route,
-            ))
-            .await
+            let dir = snap.directory_of(set);
+            plan = match shard::plan_now(set, dir, &head, &decision.captures, route) {
+                Some(p) => p,
+                // Boxed: the lookup's future is large, and a cache miss is rare.
+                None => Box::pin(shard::plan(set, dir, &head, &decision.captures, route)).await,
+            }
             .map_err(|r| ProxyError::from_refusal(r, &set.key.to_string()))?;
             done.region = plan.region.clone();
             Targets::Shards {

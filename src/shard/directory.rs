@@ -73,7 +73,8 @@ pub struct DirectoryState {
 }
 
 enum Kind {
-    Table,
+    /// The config's table, with values ready to share (no allocation per lookup).
+    Table(HashMap<String, Arc<str>>),
     File {
         table: ArcSwap<HashMap<String, Arc<str>>>,
         modified: Mutex<Option<SystemTime>>,
@@ -111,7 +112,11 @@ impl DirectoryState {
         stats: DirectoryStats,
     ) -> Arc<DirectoryState> {
         let kind = match &config.source {
-            DirectorySource::Table(_) => Kind::Table,
+            DirectorySource::Table(t) => Kind::Table(
+                t.iter()
+                    .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
+                    .collect(),
+            ),
             DirectorySource::File(path) => {
                 let table = read_table_file(path).unwrap_or_default();
                 let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
@@ -157,22 +162,40 @@ impl DirectoryState {
         }
     }
 
-    /// The value for `key`, without I/O when the source is a table, a file or a cache hit.
-    pub async fn locate(&self, key: &str) -> Result<Located, Unavailable> {
+    /// The value for `key` when no I/O is needed: a table, a file, or a fresh cache entry
+    /// (counted as a hit). `None`: the lookup service must be asked (see [`Self::locate`]).
+    pub fn locate_now(&self, key: &str) -> Option<Located> {
         match &self.kind {
-            Kind::Table => {
-                let DirectorySource::Table(t) = &self.config.source else {
-                    return Err(Unavailable("directory misconfigured".into()));
-                };
-                Ok(Located {
-                    value: t.get(key).map(|v| Arc::from(v.as_str())),
-                    source: Source::Table,
-                })
-            }
-            Kind::File { table, .. } => Ok(Located {
+            Kind::Table(t) => Some(Located {
+                value: t.get(key).cloned(),
+                source: Source::Table,
+            }),
+            Kind::File { table, .. } => Some(Located {
                 value: table.load().get(key).cloned(),
                 source: Source::File,
             }),
+            Kind::Http { cache, .. } => {
+                let shard = &cache[(stable_hash(key.as_bytes()) as usize) % CACHE_SHARDS];
+                let value = fresh_entry(shard, key, &self.config.cache)?.value;
+                self.stats.hits.inc();
+                Some(Located {
+                    value,
+                    source: Source::CacheHit,
+                })
+            }
+        }
+    }
+
+    /// The value for `key`: [`Self::locate_now`], else one lookup shared by every request
+    /// for the key, else a stale cache entry when the lookup fails.
+    pub async fn locate(&self, key: &str) -> Result<Located, Unavailable> {
+        if let Some(located) = self.locate_now(key) {
+            return Ok(located);
+        }
+        match &self.kind {
+            Kind::Table(_) | Kind::File { .. } => {
+                Err(Unavailable("directory misconfigured".into()))
+            }
             Kind::Http {
                 cache,
                 pending,
@@ -181,17 +204,9 @@ impl DirectoryState {
             } => {
                 let policy = self.config.cache;
                 let shard = &cache[(stable_hash(key.as_bytes()) as usize) % CACHE_SHARDS];
+                // Not fresh (or not there): kept for the stale answer if the lookup fails.
                 let cached = shard.read().ok().and_then(|m| m.get(key).cloned());
                 let now = Instant::now();
-                if let Some(e) = &cached {
-                    if now.duration_since(e.fetched) < fresh_for(&policy, e) {
-                        self.stats.hits.inc();
-                        return Ok(Located {
-                            value: e.value.clone(),
-                            source: Source::CacheHit,
-                        });
-                    }
-                }
                 self.stats.misses.inc();
                 let fetch = {
                     let mut p = pending
@@ -323,12 +338,10 @@ impl DirectoryState {
 
     /// Looks a key up in a table or file without I/O (for explain); `None` for HTTP.
     pub fn peek(&self, key: &str) -> Option<Option<Arc<str>>> {
-        match (&self.kind, &self.config.source) {
-            (Kind::Table, DirectorySource::Table(t)) => {
-                Some(t.get(key).map(|v| Arc::from(v.as_str())))
-            }
-            (Kind::File { table, .. }, _) => Some(table.load().get(key).cloned()),
-            _ => None,
+        match &self.kind {
+            Kind::Table(t) => Some(t.get(key).cloned()),
+            Kind::File { table, .. } => Some(table.load().get(key).cloned()),
+            Kind::Http { .. } => None,
         }
     }
 }

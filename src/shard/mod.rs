@@ -12,6 +12,8 @@ pub mod scatter;
 
 use std::sync::Arc;
 
+use smallvec::{smallvec, SmallVec};
+
 use crate::balance::{self, stable_hash};
 use crate::config::{Locate, Route, ShardId, ShardSet};
 use crate::route::{Captures, RequestHead};
@@ -36,10 +38,14 @@ pub enum Refusal {
     },
 }
 
+/// The shards a key may go to, in order of preference (inline up to four: no allocation
+/// per request), and how that was decided.
+pub type Allowed = SmallVec<[ShardId; 4]>;
+
 /// The shards a key may go to, in order of preference, and how that was decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    pub allowed: Vec<ShardId>,
+    pub allowed: Allowed,
     /// The key's region, when the directory gives regions.
     pub region: Option<Arc<str>>,
     /// Where the directory's answer came from.
@@ -54,65 +60,65 @@ pub async fn plan_key(
     dir: Option<&DirectoryState>,
     key: &str,
 ) -> Result<Plan, Refusal> {
-    match set.locate {
-        Locate::Hash => {
-            let ids: Vec<usize> = (0..set.shards.len()).collect();
-            let chosen = rendezvous(set, &ids, key);
-            Ok(Plan {
-                allowed: vec![chosen],
-                region: None,
-                source: None,
-                residency: false,
-            })
-        }
-        Locate::Shard(_) => {
-            let dir = dir.ok_or_else(|| Refusal::DirectoryUnavailable("no directory".into()))?;
+    match (set.locate, dir) {
+        (Locate::Hash, _) => plan_located(set, key, None),
+        (_, None) => Err(Refusal::DirectoryUnavailable("no directory".into())),
+        (_, Some(dir)) => {
             let located = dir
                 .locate(key)
                 .await
                 .map_err(|e| Refusal::DirectoryUnavailable(e.0))?;
-            let name = located.value.ok_or(Refusal::UnknownKey)?;
-            let id = set
-                .shards
-                .iter()
-                .position(|s| *s.name == *name)
-                .ok_or_else(|| Refusal::BadShard {
-                    name: name.to_string(),
-                })?;
-            Ok(Plan {
-                allowed: vec![id],
-                region: None,
-                source: Some(located.source),
-                residency: false,
-            })
-        }
-        Locate::Region(_) => {
-            let dir = dir.ok_or_else(|| Refusal::DirectoryUnavailable("no directory".into()))?;
-            let located = dir
-                .locate(key)
-                .await
-                .map_err(|e| Refusal::DirectoryUnavailable(e.0))?;
-            let region: Arc<str> = match located.value {
-                Some(r) => r,
-                None => match &set.unknown_key_region {
-                    Some(r) => Arc::from(r.as_str()),
-                    None => return Err(Refusal::UnknownKey),
-                },
-            };
-            let allowed = set
-                .residency
-                .allowed(&region)
-                .ok_or_else(|| Refusal::NoRule {
-                    region: region.to_string(),
-                })?;
-            Ok(Plan {
-                allowed: allowed.to_vec(),
-                region: Some(region),
-                source: Some(located.source),
-                residency: true,
-            })
+            plan_located(set, key, Some(located))
         }
     }
+}
+
+/// The plan of a key once its directory answer (if the set uses a directory) is known.
+fn plan_located(set: &ShardSet, key: &str, located: Option<Located>) -> Result<Plan, Refusal> {
+    let Some(located) = located else {
+        let ids: Vec<usize> = (0..set.shards.len()).collect();
+        return Ok(Plan {
+            allowed: smallvec![rendezvous(set, &ids, key)],
+            region: None,
+            source: None,
+            residency: false,
+        });
+    };
+    if let Locate::Shard(_) = set.locate {
+        let name = located.value.ok_or(Refusal::UnknownKey)?;
+        let id = set
+            .shards
+            .iter()
+            .position(|s| *s.name == *name)
+            .ok_or_else(|| Refusal::BadShard {
+                name: name.to_string(),
+            })?;
+        return Ok(Plan {
+            allowed: smallvec![id],
+            region: None,
+            source: Some(located.source),
+            residency: false,
+        });
+    }
+    let region: Arc<str> = match located.value {
+        Some(r) => r,
+        None => match &set.unknown_key_region {
+            Some(r) => Arc::from(r.as_str()),
+            None => return Err(Refusal::UnknownKey),
+        },
+    };
+    let allowed = set
+        .residency
+        .allowed(&region)
+        .ok_or_else(|| Refusal::NoRule {
+            region: region.to_string(),
+        })?;
+    Ok(Plan {
+        allowed: SmallVec::from_slice(allowed),
+        region: Some(region),
+        source: Some(located.source),
+        residency: true,
+    })
 }
 
 /// Plans a request: reads its key, then [`plan_key`]. A missing key goes to the set's
@@ -126,16 +132,44 @@ pub async fn plan(
 ) -> Result<Plan, Refusal> {
     match key::extract(&set.key, head, captures, route) {
         Ok(k) => plan_key(set, dir, &k).await,
-        Err(KeyError::Missing) => match set.default_shard {
-            Some(id) => Ok(Plan {
-                allowed: vec![id],
-                region: None,
-                source: None,
-                residency: false,
-            }),
-            None => Err(Refusal::Key(KeyError::Missing)),
-        },
-        Err(e) => Err(Refusal::Key(e)),
+        Err(e) => keyless(set, e),
+    }
+}
+
+/// [`plan`] without waiting, when the answer needs no lookup (a table, a file, a fresh
+/// cache entry, hashing, no key); `None` when it does. The request path tries this first and
+/// only then builds (and boxes) the lookup's future.
+pub fn plan_now(
+    set: &ShardSet,
+    dir: Option<&DirectoryState>,
+    head: &RequestHead<'_>,
+    captures: &Captures,
+    route: &Route,
+) -> Option<Result<Plan, Refusal>> {
+    let key = match key::extract(&set.key, head, captures, route) {
+        Ok(k) => k,
+        Err(e) => return Some(keyless(set, e)),
+    };
+    match (set.locate, dir) {
+        (Locate::Hash, _) => Some(plan_located(set, &key, None)),
+        (_, None) => Some(Err(Refusal::DirectoryUnavailable("no directory".into()))),
+        (_, Some(dir)) => {
+            let located = dir.locate_now(&key)?;
+            Some(plan_located(set, &key, Some(located)))
+        }
+    }
+}
+
+/// The plan of a request whose key could not be read: the default shard for a missing key.
+fn keyless(set: &ShardSet, e: KeyError) -> Result<Plan, Refusal> {
+    match (e, set.default_shard) {
+        (KeyError::Missing, Some(id)) => Ok(Plan {
+            allowed: smallvec![id],
+            region: None,
+            source: None,
+            residency: false,
+        }),
+        (e, _) => Err(Refusal::Key(e)),
     }
 }
 
@@ -205,15 +239,15 @@ shard_sets:
         );
         let id = |n: &str| s.shards.iter().position(|x| x.name == n).unwrap();
         let p = plan_key(s, Some(&dir), "priya").await.unwrap();
-        assert_eq!(p.allowed, vec![id("india")]);
+        assert_eq!(p.allowed[..], [id("india")]);
         assert_eq!(p.region.as_deref(), Some("IN"));
         assert_eq!(
-            plan_key(s, Some(&dir), "hans").await.unwrap().allowed,
-            vec![id("eu")]
+            plan_key(s, Some(&dir), "hans").await.unwrap().allowed[..],
+            [id("eu")]
         );
         assert_eq!(
-            plan_key(s, Some(&dir), "alice").await.unwrap().allowed,
-            vec![id("global"), id("eu")]
+            plan_key(s, Some(&dir), "alice").await.unwrap().allowed[..],
+            [id("global"), id("eu")]
         );
         assert_eq!(
             plan_key(s, Some(&dir), "nobody").await,
@@ -231,5 +265,66 @@ shard_sets:
             first_available(&[id("global"), id("eu")], &[id("global")], |_| true),
             Some(id("eu"))
         );
+    }
+
+    /// The request path's synchronous plan agrees with the awaited one wherever no lookup
+    /// is needed, and defers (`None`) where one is.
+    #[tokio::test]
+    async fn planning_without_waiting_agrees_and_defers_lookups() {
+        let config = set();
+        let s = &config.shard_sets[0];
+        let metrics = crate::telemetry::Metrics::new();
+        let table = DirectoryState::new(
+            config.directories[0].clone(),
+            &[],
+            metrics.directory("regions"),
+        );
+        let mut route_cfg = Config::parse(
+            "listeners:\n  - address: 127.0.0.1:1\n    routes: [ { cluster: c } ]\nclusters:\n  c: { endpoints: [\"127.0.0.1:1\"] }\n",
+            Path::new("r.yaml"),
+        )
+        .unwrap();
+        let crate::config::ListenerKind::Http { routes, .. } = &mut route_cfg.listeners[0].kind
+        else {
+            panic!("http listener")
+        };
+        let route = &routes[0];
+        for user in ["priya", "hans", "alice", "nobody", "ghost"] {
+            let req = http::Request::get("/x")
+                .header("x-user", user)
+                .body(())
+                .unwrap();
+            let head = RequestHead::new(req.method(), req.uri(), req.headers());
+            let captures = crate::route::Captures::default();
+            let now = plan_now(s, Some(&table), &head, &captures, route).expect("no lookup");
+            assert_eq!(
+                now,
+                plan(s, Some(&table), &head, &captures, route).await,
+                "{user}"
+            );
+        }
+        // A lookup service's directory with nothing cached: the plan must wait.
+        let http = Config::parse(
+            "clusters:\n  users: { endpoints: [\"127.0.0.1:1\"] }\ndirectories:\n  lookups:\n    http: { cluster: users, path: \"/users/{key}\", pointer: /country }\n",
+            Path::new("h.yaml"),
+        )
+        .unwrap();
+        let clusters: Vec<_> = http
+            .clusters
+            .iter()
+            .map(|c| crate::upstream::ClusterState::new(c.clone(), 1, metrics.cluster(&c.name)))
+            .collect();
+        let cold = DirectoryState::new(
+            http.directories[0].clone(),
+            &clusters,
+            metrics.directory("lookups"),
+        );
+        let req = http::Request::get("/x")
+            .header("x-user", "priya")
+            .body(())
+            .unwrap();
+        let head = RequestHead::new(req.method(), req.uri(), req.headers());
+        let captures = crate::route::Captures::default();
+        assert!(plan_now(s, Some(&cold), &head, &captures, route).is_none());
     }
 }
