@@ -35,13 +35,15 @@
 //!                  ▼
 //!          proxy::handle ── snapshot.load() ── Completion (metrics + log on body end)
 //!                  │
-//!     decide:  route::select ─▶ destination ─▶ balance::pick
+//!     decide:  route::select ─▶ destination (cluster | shards | split) ─▶ balance::pick
 //!                  │
-//!     act:     prepare_request (rewrite, hop-by-hop, forwarded, headers)
+//!     act:     HTTP/1.1 upstream, body in memory: encode_upstream_request writes the
+//!              upstream head from the client's (rewrite, hop-by-hop, forwarded, header
+//!              ops); otherwise prepare_request shapes the request in place for hyper
 //!                  │
 //!              upstream pool (per worker, per cluster) ──▶ endpoint
 //!                  │
-//!              response ──▶ header ops ──▶ streamed back to the app
+//!              response ──▶ header ops (or its header lines as they are) ──▶ back to the app
 //! ```
 
 pub mod admin;
