@@ -782,6 +782,16 @@ async fn send_one(
     use crate::resilience::Outcome;
     let cluster = &snap.clusters[cluster_id];
     let in_flight = endpoint.start_request();
+    // Only HTTP/1.1 clusters take an encoded head (`execute` chooses so); anything else
+    // would get a shaped copy.
+    let req = match req {
+        TryReq::Wire { parts, body }
+            if cluster.config.protocol != crate::config::UpstreamProtocol::Http1 =>
+        {
+            TryReq::Owned(rebuild(&copy_head(parts), body))
+        }
+        req => req,
+    };
     let prepared = match req {
         TryReq::Owned(mut req) => prepare_request(
             &mut req,
@@ -813,8 +823,8 @@ async fn send_one(
     cluster.stats.requests.inc();
     cluster.stats.active.inc();
     let sent = Instant::now();
-    let result = match (cluster.config.protocol, req) {
-        (crate::config::UpstreamProtocol::Http1, Either::Right((parts, path, body))) => {
+    let result = match req {
+        Either::Right((parts, path, body)) => {
             let pool = cluster.pool(conn.worker);
             let encode = |buf: &mut Vec<u8>| {
                 encode_upstream_request(buf, parts, &path, route, forwarded, conn, body.len())
@@ -824,40 +834,23 @@ async fn send_one(
                 .await
                 .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
         }
-        (crate::config::UpstreamProtocol::Http1, Either::Left(req)) => {
-            let pool = cluster.pool(conn.worker);
-            tokio::time::timeout(timeout, pool.send(endpoint.addr, req, raw))
-                .await
-                .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
-        }
-        (crate::config::UpstreamProtocol::Http2, req) => {
-            // Wire tries go to HTTP/1.1 clusters only (see `execute`); one that did not
-            // would be sent here as a copy.
-            let req = match req {
-                Either::Left(req) => req,
-                Either::Right((parts, _, body)) => {
-                    let mut req = rebuild(&copy_head(parts), body);
-                    if let Err(e) = prepare_request(
-                        &mut req,
-                        route,
-                        forwarded,
-                        conn,
-                        &endpoint,
-                        cluster.config.protocol,
-                    ) {
-                        tracing::debug!(error = %e, "could not shape a copied request");
-                    }
-                    req
-                }
-            };
-            let client = cluster.client(conn.worker);
-            tokio::time::timeout(timeout, client.request(req))
-                .await
-                .map(|r| {
-                    r.map(|resp| resp.map(UpstreamBody::Client))
-                        .map_err(|e| classify(&e, &endpoint))
-                })
-        }
+        Either::Left(req) => match cluster.config.protocol {
+            crate::config::UpstreamProtocol::Http1 => {
+                let pool = cluster.pool(conn.worker);
+                tokio::time::timeout(timeout, pool.send(endpoint.addr, req, raw))
+                    .await
+                    .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
+            }
+            crate::config::UpstreamProtocol::Http2 => {
+                let client = cluster.client(conn.worker);
+                tokio::time::timeout(timeout, client.request(req))
+                    .await
+                    .map(|r| {
+                        r.map(|resp| resp.map(UpstreamBody::Client))
+                            .map_err(|e| classify(&e, &endpoint))
+                    })
+            }
+        },
     };
     cluster.stats.active.dec();
     let (result, outcome) = match result {
