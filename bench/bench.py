@@ -493,7 +493,8 @@ class Scenario:
 
     def target_names(self) -> list[str]:
         """direct is always measured: it is the baseline for added latency."""
-        return ["direct"] + [k for k in KINDS if k in self.targets]
+        return ["direct"] + [k for k in KINDS
+                             if KINDS[k].get("template_of", k) in self.targets]
 
 
 # How each kind of proxy is started and when it is ready. {cfg} is the rendered config.
@@ -506,6 +507,10 @@ KINDS = {
     # The floor: bench/relay.c, a byte relay that parses nothing (one upstream connection
     # per client connection, so it sits out the idle-connection test).
     "relay": {"argv": ["{relay}", "{cfg}"], "ready": "port", "idle_conns": False},
+    # Another attache binary (--baseline-bin) with attache's config: an A/B of two builds
+    # measured in the same interleaved rounds. Runs only when asked for.
+    "attache-base": {"argv": ["{baseline}", "run", "--config", "{cfg}", "--access-log", "off"],
+                     "ready": "admin", "template_of": "attache"},
 }
 
 
@@ -533,6 +538,10 @@ class Bench:
             # Measure one binary for the whole run, even if a build replaces
             # target/release/attache meanwhile.
             self.attache = Path(shutil.copy2(self.attache, self.tmp / "attache"))
+        self.baseline = None
+        if args.baseline_bin:
+            self.baseline = Path(shutil.copy2(Path(args.baseline_bin).resolve(),
+                                              self.tmp / "attache-base"))
         self.upstream: subprocess.Popen | None = None
         self.spinners: list[subprocess.Popen] = []
         self.records: list[dict] = []
@@ -592,11 +601,12 @@ class Bench:
                   "UPSTREAM_PORT": self.up_port, "UPSTREAM_H2_PORT": self.up_h2_port,
                   **{f"UPSTREAM_PORT_{i + 1}": p for i, p in enumerate(self.up_extra)},
                   **scen.vars}
-        tpl = scen.template(scen.targets[name])
-        cfg = render(tpl, values, d / tpl.name)
         kind = KINDS[name]
+        tpl = scen.template(scen.targets[kind.get("template_of", name)])
+        cfg = render(tpl, values, d / tpl.name)
         relay = self.relay() if name == "relay" else None
-        argv = [a.format(attache=self.attache, cfg=cfg, dir=d, relay=relay)
+        argv = [a.format(attache=self.attache, cfg=cfg, dir=d, relay=relay,
+                         baseline=self.baseline)
                 for a in kind["argv"]]
         logfile = d / "stdout.log"
         t = Target(name, port, logfile=logfile)
@@ -798,7 +808,9 @@ class Bench:
                 self.guard("pre-flight", targets[n], lambda: self.preflight(scen, targets[n]))
             for n in order:   # warm-up: connections to the upstream, caches, allocator
                 self.guard("warm-up", targets[n], lambda: self.warm(scen, targets[n]))
-            for test in (self.test_saturation, self.test_rate, self.test_ping):
+            tests = {"sat": self.test_saturation, "rate": self.test_rate,
+                     "ping": self.test_ping}
+            for test in (tests[k] for k in self.args.tests):
                 for n in order:
                     res[n][test.__name__[5:]] = test(scen, targets[n])
             for n in order:
@@ -1042,6 +1054,12 @@ def parse_args(argv):
                     "scenarios marked default; http1-100b with --quick)")
     ap.add_argument("--targets", default="direct,attache,haproxy,nginx,relay",
                     help="comma-separated targets to run (default: all)")
+    ap.add_argument("--tests", default="sat,rate,ping",
+                    help="comma-separated tests: sat (saturation), rate (fixed rate), ping "
+                         "(one connection); default all")
+    ap.add_argument("--baseline-bin", metavar="PATH",
+                    help="also measure this attache binary, as target attache-base, in the "
+                         "same rounds (an A/B of two builds)")
     ap.add_argument("--no-build", action="store_true", help="use target/release/attache as is")
     ap.add_argument("--attache-bin", metavar="PATH",
                     help="measure this attache binary (implies --no-build)")
@@ -1061,6 +1079,14 @@ def parse_args(argv):
     if a.rounds < 1:
         ap.error("--rounds must be at least 1")
     a.targets = [t for t in a.targets.split(",") if t]
+    if a.baseline_bin and "attache-base" not in a.targets:
+        a.targets.append("attache-base")
+    if "attache-base" in a.targets and not a.baseline_bin:
+        ap.error("target attache-base needs --baseline-bin")
+    a.tests = [t for t in a.tests.split(",") if t]
+    bad_tests = set(a.tests) - {"sat", "rate", "ping"}
+    if bad_tests or not a.tests:
+        ap.error(f"--tests: choose from sat, rate, ping (got {a.tests})")
     bad = set(a.targets) - {"direct", *KINDS}
     if bad:
         ap.error(f"unknown targets: {', '.join(sorted(bad))}")
@@ -1235,10 +1261,12 @@ def main(argv: list[str]) -> int:
 
     print_tables(scens, summary, notes)
     section = markdown_section(meta, scens, summary, notes)
-    if args.quick or status:
-        # A quick run proves the harness works, and a run that stopped early is partial:
-        # neither goes into RESULTS.md.
-        md = OUT / ("RESULTS-quick.md" if args.quick else f"RESULTS-partial-{stamp}.md")
+    some_tests = len(args.tests) < 3
+    if args.quick or status or some_tests:
+        # A quick run proves the harness works, a run that stopped early is partial, and so
+        # is one of some tests only (an A/B while working): none goes into RESULTS.md.
+        md = OUT / ("RESULTS-quick.md" if args.quick
+                    else f"RESULTS-partial-{stamp}.md")
         md.write_text(section)
     else:
         md = write_results_md(section)
