@@ -217,6 +217,7 @@ class CpuSample:
     from utime+stime, which also holds threads that have exited."""
     threads: dict[tuple[int, int], int] = field(default_factory=dict)
     procs: dict[int, int] = field(default_factory=dict)
+    user: dict[int, int] = field(default_factory=dict)   # utime alone, in ticks
 
 
 def cpu_sample(pids: list[int]) -> CpuSample:
@@ -226,6 +227,7 @@ def cpu_sample(pids: list[int]) -> CpuSample:
             stat = Path(f"/proc/{pid}/stat").read_text()
             f = stat[stat.rindex(")") + 2:].split()
             s.procs[pid] = int(f[11]) + int(f[12])  # utime + stime, in ticks
+            s.user[pid] = int(f[11])
             for tid in os.listdir(f"/proc/{pid}/task"):
                 ns = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]
                 s.threads[(pid, int(tid))] = int(ns)
@@ -683,6 +685,10 @@ class Bench:
             # The same from utime+stime (10 ms ticks), kept in the JSON as a cross-check.
             ticks_cpu = (sum(b_t.procs.values()) - sum(a_t.procs.values())) / CLK_TCK \
                 if t.proc else None
+            # Of which user space (utime): what the proxy's own code costs, against the
+            # kernel's part (stime), which is much the same for every target.
+            user_cpu = (sum(b_t.user.values()) - sum(a_t.user.values())) / CLK_TCK \
+                if t.proc else None
             up_cpu, _ = cpu_delta(a_up, b_up)
             ours, _ = cpu_delta(a_ours, b_ours)
             loadgen_cpu = b_self - a_self
@@ -692,6 +698,11 @@ class Bench:
                 "wall_s": wall,
                 "proxy_cpu_s": proxy_cpu,
                 "proxy_cpu_s_from_ticks": ticks_cpu,
+                "proxy_user_s_from_ticks": user_cpu,
+                "user_us_per_req": user_cpu / r["ok"] * 1e6 if user_cpu is not None and r["ok"]
+                else None,
+                "sys_us_per_req": (ticks_cpu - user_cpu) / r["ok"] * 1e6
+                if user_cpu is not None and r["ok"] else None,
                 "cpu_us_per_req": proxy_cpu / r["ok"] * 1e6 if proxy_cpu is not None and r["ok"]
                 else None,
                 "cpu_precise": precise,
