@@ -1001,6 +1001,7 @@ def metadata(args, argv: list[str]) -> dict:
         "cpu_model": cpu_model,
         "kernel": os.uname().release,
         "attache_rev": attache_rev(args, rev + (" (uncommitted changes)" if dirty else "")),
+        "baseline_bin": args.baseline_bin,
         "versions": {
             "haproxy": sh(["haproxy", "-v"]).splitlines()[0] if shutil.which("haproxy") else None,
             "nginx": sh(["nginx", "-v"]),
@@ -1272,10 +1273,10 @@ def main(argv: list[str]) -> int:
 
     print_tables(scens, summary, notes)
     section = markdown_section(meta, scens, summary, notes)
-    some_tests = len(args.tests) < 3
-    if args.quick or status or some_tests:
-        # A quick run proves the harness works, a run that stopped early is partial, and so
-        # is one of some tests only (an A/B while working): none goes into RESULTS.md.
+    working = len(args.tests) < 3 or args.baseline_bin
+    if args.quick or status or working:
+        # A quick run proves the harness works, a run that stopped early is partial, and an
+        # A/B or a run of some tests only is work in progress: none goes into RESULTS.md.
         md = OUT / ("RESULTS-quick.md" if args.quick
                     else f"RESULTS-partial-{stamp}.md")
         md.write_text(section)
