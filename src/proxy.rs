@@ -29,7 +29,7 @@ use crate::config::ShardId;
 use crate::config::{Balance, Destination, Forwarded, HeaderOps, ListenerKind, Route};
 use crate::error::ProxyError;
 use crate::resilience::Admit;
-use crate::route::{self, RequestHead, RouteDecision};
+use crate::route::{self, Fields, HeadLines, RequestHead, RouteDecision};
 use crate::shard;
 use crate::state::{Shared, Snapshot};
 use crate::telemetry::access_log::{now_rfc3339, LogRecord};
@@ -139,15 +139,29 @@ impl Body for ClientBody {
     }
 }
 
+/// [`handle`] for a request from hyper's server (no head lines): a future without a
+/// lifetime parameter. (Through `handle`'s own, rustc fails to prove the connection's future
+/// `Send`: "implementation of `Send` is not general enough".)
+pub fn handle_hyper(
+    req: Request<ClientBody>,
+    conn: Arc<ConnCtx>,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static {
+    handle(req, None, conn)
+}
+
 /// Handles one request: never fails, every error becomes a response.
+///
+/// `lines`: the request's header fields as the lines of the head attache's own HTTP/1.1
+/// server parsed (the request's header map is then empty); `None` for a request from hyper.
 pub async fn handle(
     req: Request<ClientBody>,
+    lines: Option<HeadLines<'_>>,
     conn: Arc<ConnCtx>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snap = conn.shared.snapshot.load_full();
     let mut done = Completion::new(conn, snap, &req);
     let snap = done.snap.clone();
-    match forward(req, &snap, &mut done).await {
+    match forward(req, lines, &snap, &mut done).await {
         Ok(resp) => {
             done.status = resp.status().as_u16();
             Ok(resp.map(|b| ProxyBody::new(b, done)))
@@ -200,6 +214,7 @@ pub type RespInner = Either<UpstreamBody, Full<Bytes>>;
 /// The request path. Returns the upstream's response or the error attache answers with.
 async fn forward(
     req: Request<ClientBody>,
+    lines: Option<HeadLines<'_>>,
     snap: &Snapshot,
     done: &mut Completion,
 ) -> Result<Response<RespInner>, ProxyError> {
@@ -210,7 +225,7 @@ async fn forward(
     };
 
     // Decide the route: a pure function of the head and the snapshot.
-    let head = RequestHead::new(req.method(), req.uri(), req.headers());
+    let head = RequestHead::new(req.method(), req.uri(), Fields::of(req.headers(), lines));
     let decision = route::select(routes, &head).ok_or_else(|| ProxyError::NoRoute {
         method: req.method().to_string(),
         path: req.uri().path().to_owned(),
@@ -244,6 +259,11 @@ async fn forward(
         Destination::Shards(set_id) => {
             let set = &snap.config.shard_sets[set_id];
             if let Some(batch) = &route.batch {
+                // Scatter-gather builds its sub-requests from a header map.
+                let mut req = req;
+                if let Some(lines) = lines {
+                    *req.headers_mut() = lines.to_map()?;
+                }
                 // Boxed: a large, rare future that should not size every connection's state.
                 let resp = Box::pin(shard::scatter::gather(
                     req, snap, set_id, route, batch, forwarded, &conn,
@@ -275,7 +295,10 @@ async fn forward(
     }
 
     // Act: tries, retries and failover, within the targets only.
-    let resp = execute(req, snap, route, forwarded, &conn, done, targets, &keys).await?;
+    let resp = execute(
+        req, lines, snap, route, forwarded, &conn, done, targets, &keys,
+    )
+    .await?;
     Ok(resp.map(Either::Left))
 }
 
@@ -353,6 +376,7 @@ enum TryBody {
 #[allow(clippy::too_many_arguments)]
 async fn execute(
     req: Request<ClientBody>,
+    mut lines: Option<HeadLines<'_>>,
     snap: &Snapshot,
     route: &Route,
     forwarded: &Forwarded,
@@ -380,7 +404,7 @@ async fn execute(
         .per_try_timeout
         .or(cluster_config.per_try_timeout)
         .unwrap_or(route.timeout);
-    let safe = policy.may_retry(req.method(), req.headers());
+    let safe = policy.may_retry(req.method(), Fields::of(req.headers(), lines));
     let many_targets = matches!(targets, Targets::Shards { plan, .. } if plan.allowed.len() > 1);
     let replay_wanted = policy.attempts > 1 || route.hedge.is_some() || many_targets;
 
@@ -392,7 +416,8 @@ async fn execute(
     } else if incoming.is_end_stream() {
         TryBody::Replay(Bytes::new())
     } else if replay_wanted
-        && content_length(&parts.headers).is_some_and(|n| n <= policy.max_body as u64)
+        && content_length(Fields::of(&parts.headers, lines))
+            .is_some_and(|n| n <= policy.max_body as u64)
     {
         let bytes = http_body_util::Limited::new(incoming, policy.max_body)
             .collect()
@@ -407,7 +432,8 @@ async fn execute(
     // request from it and leave it as it is, so retries and hedges need no copy; a try that
     // must own its request (HTTP/2, upgrades, a streamed body) takes it, and a copy is kept
     // first when a replay may follow.
-    let upgrade = is_upgrade(parts.version, &parts.headers) || parts.method == Method::CONNECT;
+    let upgrade = is_upgrade(parts.version, Fields::of(&parts.headers, lines))
+        || parts.method == Method::CONNECT;
     let mut original = Some(parts);
     let mut replay_head: Option<(Method, Uri, Version, HeaderMap)> = None;
 
@@ -467,9 +493,17 @@ async fn execute(
 
         // The request for this try.
         let wire = !upgrade && cluster.config.protocol == crate::config::UpstreamProtocol::Http1;
+        if !wire {
+            // This try owns its request: the header map is built from the raw lines, once.
+            if let (Some(l), Some(p)) = (lines, original.as_mut()) {
+                p.headers = l.to_map()?;
+                lines = None;
+            }
+        }
         let req = match (&mut body, original.as_ref()) {
             (TryBody::Replay(b), Some(p)) if wire => TryReq::Wire {
                 parts: p,
+                lines,
                 body: b.clone(),
             },
             (TryBody::Replay(b), _) => {
@@ -500,8 +534,9 @@ async fn execute(
         let hedge = match (route.hedge, &body) {
             (Some(delay), TryBody::Replay(b)) if safe && attempt_no == 1 => {
                 let second = match (&req, &replay_head) {
-                    (TryReq::Wire { parts, body }, _) => Some(TryReq::Wire {
+                    (TryReq::Wire { parts, lines, body }, _) => Some(TryReq::Wire {
                         parts,
+                        lines: *lines,
                         body: body.clone(),
                     }),
                     (TryReq::Owned(_), Some(h)) => Some(TryReq::Owned(rebuild(h, b.clone()))),
@@ -615,10 +650,9 @@ fn unreachable_retry<T>() -> Result<T, ProxyError> {
     ))
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+fn content_length(headers: Fields<'_>) -> Option<u64> {
     headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
+        .text(&header::CONTENT_LENGTH)
         .and_then(|v| v.parse().ok())
 }
 
@@ -785,15 +819,25 @@ async fn send_one(
     // Only HTTP/1.1 clusters take an encoded head (`execute` chooses so); anything else
     // would get a shaped copy.
     let req = match req {
-        TryReq::Wire { parts, body }
+        TryReq::Wire { parts, lines, body }
             if cluster.config.protocol != crate::config::UpstreamProtocol::Http1 =>
         {
-            TryReq::Owned(rebuild(&copy_head(parts), body))
+            match lines.map(|l| l.to_map()).transpose() {
+                Ok(map) => {
+                    let mut head = copy_head(parts);
+                    if let Some(map) = map {
+                        head.3 = map;
+                    }
+                    Ok(TryReq::Owned(rebuild(&head, body)))
+                }
+                Err(e) => Err(e),
+            }
         }
-        req => req,
+        req => Ok(req),
     };
     let prepared = match req {
-        TryReq::Owned(mut req) => prepare_request(
+        Err(e) => Err(e),
+        Ok(TryReq::Owned(mut req)) => prepare_request(
             &mut req,
             route,
             forwarded,
@@ -802,9 +846,8 @@ async fn send_one(
             cluster.config.protocol,
         )
         .map(|upgrade| (upgrade, Either::Left(req))),
-        TryReq::Wire { parts, body } => {
-            upstream_path(&parts.uri, route).map(|path| (None, Either::Right((parts, path, body))))
-        }
+        Ok(TryReq::Wire { parts, lines, body }) => upstream_path(&parts.uri, route)
+            .map(|path| (None, Either::Right((parts, lines, path, body)))),
     };
     let (client_upgrade, req) = match prepared {
         Ok(p) => p,
@@ -824,10 +867,21 @@ async fn send_one(
     cluster.stats.active.inc();
     let sent = Instant::now();
     let result = match req {
-        Either::Right((parts, path, body)) => {
+        Either::Right((parts, lines, path, body)) => {
             let pool = cluster.pool(conn.worker);
+            let fields = Fields::of(&parts.headers, lines);
             let encode = |buf: &mut Vec<u8>| {
-                encode_upstream_request(buf, parts, &path, route, forwarded, conn, body.len())
+                encode_upstream_request(
+                    buf,
+                    &parts.method,
+                    fields,
+                    &parts.uri,
+                    &path,
+                    route,
+                    forwarded,
+                    conn,
+                    body.len(),
+                )
             };
             let send = pool.send_encoded(endpoint.addr, &parts.method, &encode, &body, raw);
             tokio::time::timeout(timeout, send)
@@ -949,9 +1003,11 @@ enum TryReq<'p> {
     /// Shaped in place by [`prepare_request`] and moved into the try (HTTP/2 clusters,
     /// upgrades, streamed bodies).
     Owned(Request<ReqBody>),
-    /// Encoded by [`encode_upstream_request`] from the client's head, which stays as it is.
+    /// Encoded by [`encode_upstream_request`] from the client's head, which stays as it is
+    /// (its fields are `lines` when there are any, else the head's map).
     Wire {
         parts: &'p http::request::Parts,
+        lines: Option<HeadLines<'p>>,
         body: Bytes,
     },
 }
@@ -1044,7 +1100,7 @@ pub(crate) fn prepare_request(
     endpoint: &Endpoint,
     protocol: crate::config::UpstreamProtocol,
 ) -> Result<Option<hyper::upgrade::OnUpgrade>, ProxyError> {
-    let upgrade = is_upgrade(req.version(), req.headers());
+    let upgrade = is_upgrade(req.version(), req.headers().into());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
 
     // Host: HTTP/2 clients send `:authority` only; an HTTP/1.1 upstream needs `Host`.
@@ -1128,10 +1184,14 @@ fn upstream_path<'u>(uri: &'u Uri, route: &Route) -> Result<Cow<'u, str>, ProxyE
 /// straight from that head, which stays as it is: hop-by-hop headers (and those `connection`
 /// names) left out, the forwarding headers joined or added, the route's header operations
 /// applied, `host` from the URI when the client sent none, and the length the body needs.
-/// For requests without an upgrade whose body is in memory (`body_len` bytes).
+/// For requests without an upgrade whose body is in memory (`body_len` bytes). Field names
+/// go out as the client sent them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn encode_upstream_request(
     buf: &mut Vec<u8>,
-    parts: &http::request::Parts,
+    method: &Method,
+    fields: Fields<'_>,
+    uri: &Uri,
     path: &str,
     route: &Route,
     forwarded: &Forwarded,
@@ -1139,55 +1199,55 @@ pub(crate) fn encode_upstream_request(
     body_len: usize,
 ) {
     use crate::upstream::wire;
-    let headers = &parts.headers;
     let ops = &route.request_headers;
     // The route's operations win over everything: a name it removes or sets is dropped here.
-    let replaced =
-        |name: &HeaderName| ops.remove.contains(name) || ops.add.iter().any(|(n, _)| n == name);
-    let connection_names = |name: &HeaderName| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes().split(|&b| b == b',').any(|t| {
-                t.trim_ascii()
-                    .eq_ignore_ascii_case(name.as_str().as_bytes())
-            })
+    let replaced = |name: &[u8]| {
+        ops.remove.iter().any(|n| route::eq_name(name, n))
+            || ops.add.iter().any(|(n, _)| route::eq_name(name, n))
+    };
+    let has_connection = fields.contains(&header::CONNECTION);
+    let connection_names = |name: &[u8]| {
+        fields.get_all(&header::CONNECTION).any(|v| {
+            v.split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
         })
     };
-    let has_connection = headers.contains_key(header::CONNECTION);
-    wire::request_line(buf, &parts.method, path);
+    wire::request_line(buf, method, path);
     let mut has_length = false;
-    let mut xff_done = !forwarded.x_forwarded_for || replaced(&X_FORWARDED_FOR);
-    let mut via_done = !forwarded.via || replaced(&header::VIA);
-    let mut last: Option<&HeaderName> = None;
-    for (name, value) in headers {
-        let first_of_name = last != Some(name);
-        last = Some(name);
-        if *name == header::CONNECTION
-            || *name == header::TRANSFER_ENCODING
-            || *name == header::UPGRADE
-            || *name == KEEP_ALIVE
-            || *name == PROXY_CONNECTION
-            || (*name == header::TE && !value.as_bytes().eq_ignore_ascii_case(b"trailers"))
-            || (*name == X_FORWARDED_PROTO && forwarded.x_forwarded_proto)
+    let mut has_host = false;
+    let mut xff_done = !forwarded.x_forwarded_for || replaced(b"x-forwarded-for");
+    let mut via_done = !forwarded.via || replaced(b"via");
+    for (name, value) in fields.iter() {
+        let is = |n: &HeaderName| route::eq_name(name, n);
+        has_host |= is(&header::HOST);
+        if is(&header::CONNECTION)
+            || is(&header::TRANSFER_ENCODING)
+            || is(&header::UPGRADE)
+            || is(&KEEP_ALIVE)
+            || is(&PROXY_CONNECTION)
+            || (is(&header::TE) && !value.eq_ignore_ascii_case(b"trailers"))
+            || (forwarded.x_forwarded_proto && is(&X_FORWARDED_PROTO))
             || replaced(name)
             || (has_connection && connection_names(name))
         {
             continue;
         }
-        // A list attache adds to goes out as one line: the client's values, then attache's.
-        let added = if *name == X_FORWARDED_FOR && forwarded.x_forwarded_for {
-            Some((&mut xff_done, &conn.client_ip))
-        } else if *name == header::VIA && forwarded.via {
-            Some((&mut via_done, &VIA_ATTACHE))
+        // A list attache adds to goes out as one line, where its first value was: the
+        // client's values, then attache's.
+        let added = if forwarded.x_forwarded_for && is(&X_FORWARDED_FOR) {
+            Some((&mut xff_done, &X_FORWARDED_FOR, &conn.client_ip))
+        } else if forwarded.via && is(&header::VIA) {
+            Some((&mut via_done, &header::VIA, &VIA_ATTACHE))
         } else {
             None
         };
         match added {
-            Some((done, ours)) => {
-                if first_of_name {
-                    buf.extend_from_slice(name.as_str().as_bytes());
+            Some((done, list, ours)) => {
+                if !*done {
+                    buf.extend_from_slice(name);
                     buf.extend_from_slice(b": ");
-                    for v in headers.get_all(name) {
-                        buf.extend_from_slice(v.as_bytes());
+                    for v in fields.get_all(list) {
+                        buf.extend_from_slice(v);
                         buf.extend_from_slice(b", ");
                     }
                     buf.extend_from_slice(ours.as_bytes());
@@ -1196,20 +1256,20 @@ pub(crate) fn encode_upstream_request(
                 }
             }
             None => {
-                has_length |= *name == header::CONTENT_LENGTH;
-                wire::field_line(buf, name.as_str().as_bytes(), value.as_bytes());
+                has_length |= is(&header::CONTENT_LENGTH);
+                wire::field_line(buf, name, value);
             }
         }
     }
-    if !headers.contains_key(header::HOST) && !replaced(&header::HOST) {
-        if let Some(a) = parts.uri.authority() {
+    if !has_host && !replaced(b"host") {
+        if let Some(a) = uri.authority() {
             wire::field_line(buf, b"host", a.as_str().as_bytes());
         }
     }
     if !xff_done {
         wire::field_line(buf, b"x-forwarded-for", conn.client_ip.as_bytes());
     }
-    if forwarded.x_forwarded_proto && !replaced(&X_FORWARDED_PROTO) {
+    if forwarded.x_forwarded_proto && !replaced(b"x-forwarded-proto") {
         wire::field_line(buf, b"x-forwarded-proto", b"http");
     }
     if !via_done {
@@ -1219,7 +1279,7 @@ pub(crate) fn encode_upstream_request(
         has_length |= *name == header::CONTENT_LENGTH;
         wire::field_line(buf, name.as_str().as_bytes(), value.as_bytes());
     }
-    wire::end_request_head(buf, &parts.method, has_length, body_len);
+    wire::end_request_head(buf, method, has_length, body_len);
 }
 
 static VIA_ATTACHE: HeaderValue = HeaderValue::from_static("1.1 attache");
@@ -1229,13 +1289,12 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+fn is_upgrade(version: Version, headers: Fields<'_>) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
+        && headers.contains(&header::UPGRADE)
         && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+            .get_all(&header::CONNECTION)
+            .filter_map(route::as_text)
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
@@ -1318,10 +1377,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
     match headers.entry(name) {
         http::header::Entry::Occupied(mut existing) => {
-            let old = existing.get();
-            let mut joined = Vec::with_capacity(old.len() + 2 + value.len());
-            joined.extend_from_slice(old.as_bytes());
-            joined.extend_from_slice(b", ");
+            // Every line of the list, in order, then ours, as one line (`insert` replaces
+            // them all).
+            let mut joined = Vec::new();
+            for old in existing.iter() {
+                joined.extend_from_slice(old.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
             joined.extend_from_slice(value.as_bytes());
             if let Ok(v) = HeaderValue::from_bytes(&joined) {
                 existing.insert(v);
@@ -1616,7 +1678,7 @@ mod tests {
         let cfg = crate::config::Config::parse(yaml, std::path::Path::new("x.yaml")).unwrap();
         let shared = Shared::new(cfg, "x.yaml".into(), 1, crate::telemetry::AccessLog::Off);
         let ctx = Arc::new(ConnCtx::new(shared, 0, 0, "127.0.0.1:1".parse().unwrap()));
-        let f = handle(Request::new(ClientBody::Empty), ctx);
+        let f = handle(Request::new(ClientBody::Empty), None, ctx);
         let size = std::mem::size_of_val(&f);
         assert!(size < 8 * 1024, "request future: {size} bytes");
     }
@@ -1644,6 +1706,22 @@ mod tests {
             .collect();
         fields.sort();
         (line, fields)
+    }
+
+    /// Where a head's fields lie, as attache's own server records them.
+    fn spans_of(head: &[u8]) -> Vec<route::Span> {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(head).unwrap().is_complete());
+        let base = head.as_ptr() as usize;
+        req.headers
+            .iter()
+            .map(|h| {
+                let n = h.name.as_ptr() as usize - base;
+                let v = h.value.as_ptr() as usize - base;
+                (n, n + h.name.len(), v, v + h.value.len())
+            })
+            .collect()
     }
 
     /// The upstream request encoded from the client's head is the one `prepare_request`
@@ -1681,6 +1759,19 @@ mod tests {
                     ("x-forwarded-for", "1.2.3.4"),
                     ("via", "1.0 edge"),
                     ("x-forwarded-proto", "https"),
+                ],
+                0,
+            ),
+            (
+                "GET",
+                "/api/x",
+                &[
+                    ("host", "h"),
+                    ("x-forwarded-for", "1.2.3.4"),
+                    ("accept", "*/*"),
+                    ("x-forwarded-for", "5.6.7.8"),
+                    ("connection", "x-hop"),
+                    ("X-Hop", "1"),
                 ],
                 0,
             ),
@@ -1735,17 +1826,50 @@ mod tests {
                         *body_len,
                     );
 
-                    let mut b = Vec::new();
                     let path = upstream_path(&parts.uri, &route).unwrap();
-                    encode_upstream_request(
-                        &mut b, &parts, &path, &route, &forwarded, &ctx, *body_len,
-                    );
-                    assert_eq!(
-                        head_of(&a),
-                        head_of(&b),
-                        "{method} {uri} {fields:?} on {} with forwarded {fwd:?}",
-                        route.name
-                    );
+                    // From the header map (a request from hyper), and from the raw lines of
+                    // the same head as attache's own server parses it: names in capitals,
+                    // lines in the order given (the map groups a name's lines), the first
+                    // line moved last.
+                    let mut raw_head = format!("{method} {uri} HTTP/1.1\r\n");
+                    let lines: Vec<String> = fields
+                        .iter()
+                        .map(|(n, v)| format!("{}: {v}\r\n", n.to_ascii_uppercase()))
+                        .collect();
+                    for line in lines.iter().skip(1).chain(lines.first()) {
+                        raw_head.push_str(line);
+                    }
+                    raw_head.push_str("\r\n");
+                    let spans = spans_of(raw_head.as_bytes());
+                    let lines = HeadLines {
+                        head: raw_head.as_bytes(),
+                        spans: &spans,
+                    };
+                    for fields_of in [Fields::Map(&parts.headers), Fields::Lines(lines)] {
+                        let mut b = Vec::new();
+                        encode_upstream_request(
+                            &mut b,
+                            &parts.method,
+                            fields_of,
+                            &parts.uri,
+                            &path,
+                            &route,
+                            &forwarded,
+                            &ctx,
+                            *body_len,
+                        );
+                        assert_eq!(
+                            head_of(&a),
+                            head_of(&b),
+                            "{method} {uri} {fields:?} on {} with forwarded {fwd:?}, from {}",
+                            route.name,
+                            if matches!(fields_of, Fields::Lines(_)) {
+                                "raw lines"
+                            } else {
+                                "a map"
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -1808,6 +1932,14 @@ mod tests {
         let mut h = headers(&[("x-forwarded-for", "1.2.3.4")]);
         append_list(&mut h, &X_FORWARDED_FOR, &ip);
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        // Every line of the client's list is kept, not only the first.
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+        ]);
+        append_list(&mut h, &X_FORWARDED_FOR, &ip);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.9");
         assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
     }
 }

@@ -80,7 +80,7 @@ pub fn choose(split: &Split, head: &RequestHead<'_>, captures: &Captures, route:
 /// The variant an override header or cookie names, if it names one of this split's.
 pub fn overridden(split: &Split, head: &RequestHead<'_>) -> Option<usize> {
     let named = match split.override_.as_ref()? {
-        VariantOverride::Header(h) => head.headers.get(h)?.to_str().ok()?,
+        VariantOverride::Header(h) => head.header(h)?,
         VariantOverride::Cookie(c) => head.cookie(c)?,
     };
     let named = named.trim();

@@ -11,7 +11,8 @@
 //!
 //! Written here because hyper's server connection runs a dispatcher, its own buffers and a
 //! timer per request, and no maintained crate frames HTTP/1.1 without owning the connection.
-//! `httparse` (hyper's parser) parses; header values share the head's memory.
+//! `httparse` (hyper's parser) parses; the proxy reads the header fields where they lie in the
+//! head (`route::Fields`): no header map is built for the request.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::AsyncWriteExt;
@@ -30,6 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
 use crate::proxy::{self, ClientBody, ConnCtx};
+use crate::route::{HeadLines, Span};
 use crate::telemetry::ListenerStats;
 use crate::upstream::wire::RawFields;
 
@@ -81,7 +83,7 @@ pub async fn serve(
         // No await in this statement: nothing of `parse`'s answer but the request itself
         // (moved into the boxed exchange) outlives it.
         let (req, close) = match parse(buf, &mut spans) {
-            Parsed::Request(req, close) => (Ok(req), close),
+            Parsed::Request(req, head, close) => (Ok((req, head)), close),
             Parsed::Bad(e) => (Err(e), true),
             Parsed::Hyper => return Served::Hyper,
             Parsed::Partial if buf.len() > limits.max_head => return Served::Hyper,
@@ -94,7 +96,9 @@ pub async fn serve(
         // request does, not in every idle connection's task. Allocated before the future is
         // made, so that it is built in place rather than copied (it is several KiB).
         let slot = Box::new_uninit();
-        let exchange = exchange(stream, buf, &mut out, req, ctx, limits, close, draining);
+        let exchange = exchange(
+            stream, buf, &mut out, req, &spans, ctx, limits, close, draining,
+        );
         let Some(keep_alive) = Box::into_pin(Box::write(slot, exchange)).await else {
             return Served::Close;
         };
@@ -186,8 +190,10 @@ impl Drop for Parked<'_> {
 /// What the front of the read buffer holds.
 #[allow(clippy::large_enum_variant)] // returned once per request and taken apart at once
 enum Parsed {
-    /// A request taken off the buffer with its body; `true` when the client asked to close.
-    Request(Request<ClientBody>, bool),
+    /// A request taken off the buffer with its body, and its head (the header fields are
+    /// the spans within it, the request's header map is empty); `true` when the client asked
+    /// to close.
+    Request(Request<ClientBody>, Bytes, bool),
     /// Not a whole head yet.
     Partial,
     /// A whole head, but not yet the whole (small) body it announces; the buffer is untouched.
@@ -197,9 +203,6 @@ enum Parsed {
     /// A head taken off the buffer that turned out invalid: answer 400 and close.
     Bad(ProxyError),
 }
-
-/// Where one header's name and value lie within the head.
-type Span = (usize, usize, usize, usize);
 
 /// Parses the request head at the front of `buf`. `spans` is the connection's scratch space,
 /// so that parsing allocates nothing and initialises no fixed-size array.
@@ -270,24 +273,13 @@ fn parse(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Parsed {
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path.0..path.1)) else {
         return Parsed::Bad(ProxyError::BadRequest("invalid request target".into()));
     };
-    // Room for the headers the request path adds (x-forwarded-for, x-forwarded-proto, via,
-    // host): a map built exactly full would be rehashed on every request.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    for &(ns, ne, vs, ve) in spans.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&head[ns..ne]),
-            HeaderValue::from_maybe_shared(head.slice(vs..ve)),
-        ) else {
-            return Parsed::Bad(ProxyError::BadRequest("invalid request header".into()));
-        };
-        headers.append(name, value);
-    }
+    // No header map: the proxy reads the fields where they lie (`route::Fields`). httparse
+    // has checked names (tokens) and values (no control characters but tab) as `http` would.
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    Parsed::Request(req, close)
+    Parsed::Request(req, head, close)
 }
 
 /// A `content-length` value attache reads whole: digits only, at most [`SMALL_BODY`].
@@ -311,13 +303,14 @@ async fn exchange(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     out: &mut Out,
-    req: Result<Request<ClientBody>, ProxyError>,
+    req: Result<(Request<ClientBody>, Bytes), ProxyError>,
+    spans: &[Span],
     ctx: &Arc<ConnCtx>,
     limits: &Limits,
     close: bool,
     draining: &AtomicBool,
 ) -> Option<bool> {
-    let req = match req {
+    let (req, head) = match req {
         Ok(req) => req,
         Err(e) => {
             return write_response(stream, out, e.response(), None, false, false)
@@ -326,7 +319,8 @@ async fn exchange(
         }
     };
     let head_only = req.method() == Method::HEAD;
-    let mut handling = pin!(proxy::handle(req, ctx.clone()));
+    let lines = HeadLines { head: &head, spans };
+    let mut handling = pin!(proxy::handle(req, Some(lines), ctx.clone()));
     let resp = std::future::poll_fn(|cx| {
         if let Poll::Ready(Ok(resp)) = handling.as_mut().poll(cx) {
             return Poll::Ready(Some(resp));
@@ -626,29 +620,42 @@ mod date {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     fn parsed(raw: &[u8]) -> (Parsed, BytesMut) {
+        parsed_with(raw).0
+    }
+
+    fn parsed_with(raw: &[u8]) -> ((Parsed, BytesMut), Vec<Span>) {
         let mut buf = BytesMut::from(raw);
         let mut spans = Vec::new();
-        (parse(&mut buf, &mut spans), buf)
+        ((parse(&mut buf, &mut spans), buf), spans)
     }
 
     #[test]
     fn bodiless_requests_are_taken_and_the_rest_left_in_place() {
-        let (p, rest) = parsed(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\nGET /n");
-        let Parsed::Request(req, close) = p else {
+        let ((p, rest), spans) =
+            parsed_with(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\nGET /n");
+        let Parsed::Request(req, head, close) = p else {
             panic!("not taken");
         };
         assert!(!close);
         assert_eq!(req.uri(), "/a?b=c");
-        assert_eq!(req.headers()["host"], "x");
-        assert_eq!(req.headers().get_all("x-a").iter().count(), 2);
+        // No header map: the fields are read in the head.
+        assert!(req.headers().is_empty());
+        let fields = crate::route::Fields::Lines(HeadLines {
+            head: &head,
+            spans: &spans,
+        });
+        assert_eq!(fields.text(&header::HOST), Some("x"));
+        let x_a = http::HeaderName::from_static("x-a");
+        assert_eq!(fields.get_all(&x_a).collect::<Vec<_>>(), [b"1", b"2"]);
         assert_eq!(&rest[..], b"GET /n");
 
         let (p, _) = parsed(
             b"DELETE /a HTTP/1.1\r\nconnection: keep-alive, close\r\ncontent-length: 0\r\n\r\n",
         );
-        assert!(matches!(p, Parsed::Request(_, true)));
+        assert!(matches!(p, Parsed::Request(_, _, true)));
     }
 
     #[test]
@@ -660,7 +667,7 @@ mod tests {
             b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhel"
         );
         let (p, rest) = parsed(b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhelloGET");
-        let Parsed::Request(req, false) = p else {
+        let Parsed::Request(req, _, false) = p else {
             panic!("not taken");
         };
         assert_eq!(&rest[..], b"GET");

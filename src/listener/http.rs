@@ -155,7 +155,7 @@ async fn connection(
     if buf.starts_with(H2_PREFACE) {
         let io = TokioIo::new(ClientIo::new(stream, buf.freeze(), ctx.clone(), false));
         let service = service_fn(move |req: Request<Incoming>| {
-            proxy::handle(req.map(ClientBody::Hyper), ctx.clone())
+            proxy::handle_hyper(req.map(ClientBody::Hyper), ctx.clone())
         });
         // Boxed: inline, hyper's HTTP/2 connection would size every connection's task.
         let mut conn = Box::pin(builders.h2.serve_connection(io, service));
@@ -204,7 +204,7 @@ async fn connection(
             service_fn(move |req: Request<Incoming>| {
                 // hyper calls this as soon as it has read a head, before it reads again.
                 ctx.park.store(proxy::PARK_BUSY, Ordering::Relaxed);
-                proxy::handle(req.map(ClientBody::Hyper), ctx.clone())
+                proxy::handle_hyper(req.map(ClientBody::Hyper), ctx.clone())
             })
         };
         // Boxed so that the connection's task doesn't keep room for hyper's state.

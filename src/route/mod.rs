@@ -3,13 +3,15 @@
 //! The proxy calls [`select`] once per request; `attache explain` calls [`check`] on every
 //! route to say why each earlier one did not match. Neither allocates on the common path.
 
+mod fields;
 mod template;
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, Method};
+use http::Method;
 
 use crate::config::{HashOn, HostMatch, PathMatch, Route, RouteMatch, ValueMatch, ValueRule};
+pub use fields::{as_text, eq_name, Fields, HeadLines, Span};
 pub use template::{Captures, Template, MAX_CAPTURES};
 
 /// The parts of a request that routing looks at.
@@ -20,19 +22,16 @@ pub struct RequestHead<'a> {
     pub host: Option<&'a str>,
     pub path: &'a str,
     pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
+    pub headers: Fields<'a>,
 }
 
 impl<'a> RequestHead<'a> {
     /// Views a request's head.
-    pub fn new(method: &'a Method, uri: &'a http::Uri, headers: &'a HeaderMap) -> Self {
+    pub fn new(method: &'a Method, uri: &'a http::Uri, headers: impl Into<Fields<'a>>) -> Self {
+        let headers = headers.into();
         let host = uri
             .host()
-            .or_else(|| {
-                headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
+            .or_else(|| headers.text(&http::header::HOST))
             .map(strip_port);
         RequestHead {
             method,
@@ -55,7 +54,7 @@ impl<'a> RequestHead<'a> {
 
     /// A header's value, if it is text.
     pub fn header(&self, name: &http::HeaderName) -> Option<&'a str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
+        self.headers.text(name)
     }
 }
 
@@ -98,11 +97,10 @@ pub fn decode_component(v: &str) -> Cow<'_, str> {
 }
 
 /// A cookie's value from the `Cookie` headers.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub fn cookie<'a>(headers: Fields<'a>, name: &str) -> Option<&'a str> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .get_all(&http::header::COOKIE)
+        .filter_map(as_text)
         .flat_map(|v| v.split(';'))
         .find_map(|kv| {
             let (k, v) = kv.trim().split_once('=')?;
@@ -405,9 +403,9 @@ mod tests {
         assert_eq!(query_param("a=1&b=x+y%21", "b").as_deref(), Some("x y!"));
         assert_eq!(query_param("a", "a").as_deref(), Some(""));
         assert_eq!(query_param("a=1", "b"), None);
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert(http::header::COOKIE, "a=1; user=priya".parse().unwrap());
-        assert_eq!(cookie(&h, "user"), Some("priya"));
-        assert_eq!(cookie(&h, "nope"), None);
+        assert_eq!(cookie(Fields::Map(&h), "user"), Some("priya"));
+        assert_eq!(cookie(Fields::Map(&h), "nope"), None);
     }
 }

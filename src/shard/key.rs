@@ -33,7 +33,7 @@ pub fn extract<'a>(
     let raw: Cow<'a, str> = match source {
         KeySource::Header(h) => match head.headers.get(h) {
             None => return Err(KeyError::Missing),
-            Some(v) => match std::str::from_utf8(v.as_bytes()) {
+            Some(v) => match std::str::from_utf8(v) {
                 Ok(s) => Cow::Borrowed(s),
                 Err(_) => return Err(KeyError::Invalid(format!("header {h} is not UTF-8"))),
             },
@@ -100,9 +100,8 @@ fn strict_decode(raw: &str) -> Result<Cow<'_, str>, KeyError> {
 
 fn jwt_claim(jwt: &JwtKey, head: &RequestHead<'_>) -> Result<String, KeyError> {
     let value = head.headers.get(&jwt.header).ok_or(KeyError::Missing)?;
-    let value = value
-        .to_str()
-        .map_err(|_| KeyError::Unauthorized("the token header is not text".into()))?;
+    let value = crate::route::as_text(value)
+        .ok_or_else(|| KeyError::Unauthorized("the token header is not text".into()))?;
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
