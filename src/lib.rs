@@ -30,8 +30,8 @@
 //! # Request path
 //!
 //! ```text
-//!  app ──HTTP──▶ listener (worker thread, own socket)
-//!                  │
+//!  app ──HTTP──▶ listener (worker thread, own socket); a head attache parses itself gets
+//!                  │  no header map: its fields are read in place (route::Fields)
 //!                  ▼
 //!          proxy::handle ── snapshot.load() ── Completion (metrics + log on body end)
 //!                  │

@@ -1218,15 +1218,16 @@ pub(crate) fn encode_upstream_request(
     let mut xff_done = !forwarded.x_forwarded_for || replaced(b"x-forwarded-for");
     let mut via_done = !forwarded.via || replaced(b"via");
     for (name, value) in fields.iter() {
-        let is = |n: &HeaderName| route::eq_name(name, n);
-        has_host |= is(&header::HOST);
-        if is(&header::CONNECTION)
-            || is(&header::TRANSFER_ENCODING)
-            || is(&header::UPGRADE)
-            || is(&KEEP_ALIVE)
-            || is(&PROXY_CONNECTION)
-            || (is(&header::TE) && !value.eq_ignore_ascii_case(b"trailers"))
-            || (forwarded.x_forwarded_proto && is(&X_FORWARDED_PROTO))
+        // Against lower-case literals: a `HeaderName`'s text is a table lookup.
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        has_host |= is(b"host");
+        if is(b"connection")
+            || is(b"transfer-encoding")
+            || is(b"upgrade")
+            || is(b"keep-alive")
+            || is(b"proxy-connection")
+            || (is(b"te") && !value.eq_ignore_ascii_case(b"trailers"))
+            || (forwarded.x_forwarded_proto && is(b"x-forwarded-proto"))
             || replaced(name)
             || (has_connection && connection_names(name))
         {
@@ -1234,9 +1235,9 @@ pub(crate) fn encode_upstream_request(
         }
         // A list attache adds to goes out as one line, where its first value was: the
         // client's values, then attache's.
-        let added = if forwarded.x_forwarded_for && is(&X_FORWARDED_FOR) {
+        let added = if forwarded.x_forwarded_for && is(b"x-forwarded-for") {
             Some((&mut xff_done, &X_FORWARDED_FOR, &conn.client_ip))
-        } else if forwarded.via && is(&header::VIA) {
+        } else if forwarded.via && is(b"via") {
             Some((&mut via_done, &header::VIA, &VIA_ATTACHE))
         } else {
             None
@@ -1256,7 +1257,7 @@ pub(crate) fn encode_upstream_request(
                 }
             }
             None => {
-                has_length |= is(&header::CONTENT_LENGTH);
+                has_length |= is(b"content-length");
                 wire::field_line(buf, name, value);
             }
         }

@@ -330,3 +330,36 @@ async fn a_try_longer_than_the_head_timeout_ends_at_its_own_deadline() {
     // Idle again: closed after the head timeout.
     c.closed_silently(Duration::from_millis(150)).await;
 }
+
+/// A request attache serves itself is routed on its header fields where they lie in the
+/// head (no header map is built): names match in any case, a list sent as several lines is
+/// joined in order, and the lines `connection` names stay behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_fields_are_read_where_they_lie_in_the_head() {
+    let a = Upstream::start(|_req| async move { text(200, "a") }).await;
+    let b = Upstream::start(|_req| async move { text(200, "b") }).await;
+    let yaml = format!(
+        "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes:\n      - {{ cluster: b, match: {{ headers: [{{ name: x-version, exact: \"2\" }}] }} }}\n      - {{ cluster: a }}\nclusters:\n  a: {{ endpoints: [\"{}\"] }}\n  b: {{ endpoints: [\"{}\"] }}\n",
+        a.addr, b.addr
+    );
+    let at = Attache::start(&yaml);
+    let mut c = Client::connect(&at).await;
+    c.send(
+        "GET /x HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 1.2.3.4\r\nX-VERSION: 2\r\n\
+         x-forwarded-for: 5.6.7.8\r\nConnection: X-Hop\r\nx-hop: 1\r\n\r\n",
+    )
+    .await;
+    let answer = c.answer(false).await;
+    assert_eq!(answer.body, b"b", "routed on `X-VERSION: 2`");
+    let seen = b.seen.lock().unwrap().last().cloned().unwrap();
+    let xff: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(xff, ["1.2.3.4, 5.6.7.8, 127.0.0.1"]);
+    assert_eq!(seen.headers["host"], "app");
+    assert!(seen.headers.get("x-hop").is_none(), "named by connection");
+    assert!(seen.headers.get("connection").is_none());
+    assert_eq!(seen.headers["x-version"], "2");
+
+    c.send("GET /x HTTP/1.1\r\nhost: app\r\nx-version: 3\r\n\r\n")
+        .await;
+    assert_eq!(c.answer(false).await.body, b"a");
+}

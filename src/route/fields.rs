@@ -24,6 +24,17 @@ impl<'a> HeadLines<'a> {
         (&self.head[s.0..s.1], &self.head[s.2..s.3])
     }
 
+    /// The first field named `name` (lower case) at or after index `from`: its index and
+    /// value. Lengths are compared first, so most lines cost one comparison.
+    fn find(&self, name: &[u8], from: usize) -> Option<(usize, &'a [u8])> {
+        let spans = self.spans.get(from..)?;
+        let i = spans.iter().position(|s| {
+            s.1 - s.0 == name.len() && self.head[s.0..s.1].eq_ignore_ascii_case(name)
+        })?;
+        let s = &spans[i];
+        Some((from + i, &self.head[s.2..s.3]))
+    }
+
     /// The header map with these fields, in order. Fails only on a name or value that the
     /// head parser took but `http` does not (none is known).
     pub fn to_map(&self) -> Result<HeaderMap, crate::error::ProxyError> {
@@ -79,15 +90,19 @@ impl<'a> Fields<'a> {
     pub fn get(&self, name: &HeaderName) -> Option<&'a [u8]> {
         match *self {
             Fields::Map(m) => m.get(name).map(HeaderValue::as_bytes),
-            Fields::Lines(_) => self.get_all(name).next(),
+            Fields::Lines(l) => l.find(name.as_str().as_bytes(), 0).map(|(_, v)| v),
         }
     }
 
     /// Every value of `name`, in order.
     pub fn get_all<'n>(&self, name: &'n HeaderName) -> Values<'a, 'n> {
-        Values {
-            fields: self.iter(),
-            name,
+        match *self {
+            Fields::Map(m) => Values::Map(m.get_all(name).iter()),
+            Fields::Lines(lines) => Values::Lines {
+                lines,
+                name: name.as_str().as_bytes(),
+                next: 0,
+            },
         }
     }
 
@@ -95,7 +110,7 @@ impl<'a> Fields<'a> {
     pub fn contains(&self, name: &HeaderName) -> bool {
         match *self {
             Fields::Map(m) => m.contains_key(name),
-            Fields::Lines(_) => self.get_all(name).next().is_some(),
+            Fields::Lines(l) => l.find(name.as_str().as_bytes(), 0).is_some(),
         }
     }
 
@@ -149,21 +164,28 @@ impl<'a> Iterator for FieldsIter<'a> {
     }
 }
 
-/// The iterator of [`Fields::get_all`]. (A named type rather than `impl Iterator`: an opaque
-/// type with two lifetimes in a future makes rustc fail to prove the future `Send`.)
-pub struct Values<'a, 'n> {
-    fields: FieldsIter<'a>,
-    name: &'n HeaderName,
+/// The iterator of [`Fields::get_all`].
+pub enum Values<'a, 'n> {
+    Map(header::ValueIter<'a, HeaderValue>),
+    Lines {
+        lines: HeadLines<'a>,
+        name: &'n [u8],
+        next: usize,
+    },
 }
 
 impl<'a> Iterator for Values<'a, '_> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
-        self.fields
-            .by_ref()
-            .find(|(n, _)| eq_name(n, self.name))
-            .map(|(_, v)| v)
+        match self {
+            Values::Map(it) => it.next().map(HeaderValue::as_bytes),
+            Values::Lines { lines, name, next } => {
+                let (i, value) = lines.find(name, *next)?;
+                *next = i + 1;
+                Some(value)
+            }
+        }
     }
 }
 

@@ -18,8 +18,8 @@ pub use template::{Captures, Template, MAX_CAPTURES};
 #[derive(Debug, Clone, Copy)]
 pub struct RequestHead<'a> {
     pub method: &'a Method,
-    /// Host without port, as sent (`Host` header or the h2 `:authority`).
-    pub host: Option<&'a str>,
+    /// The request's authority, if its target had one (h2 `:authority`, absolute form).
+    pub authority: Option<&'a str>,
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: Fields<'a>,
@@ -28,18 +28,21 @@ pub struct RequestHead<'a> {
 impl<'a> RequestHead<'a> {
     /// Views a request's head.
     pub fn new(method: &'a Method, uri: &'a http::Uri, headers: impl Into<Fields<'a>>) -> Self {
-        let headers = headers.into();
-        let host = uri
-            .host()
-            .or_else(|| headers.text(&http::header::HOST))
-            .map(strip_port);
         RequestHead {
             method,
-            host,
+            authority: uri.host(),
             path: uri.path(),
             query: uri.query(),
-            headers,
+            headers: headers.into(),
         }
+    }
+
+    /// Host without port, as sent (the URI's, else the `Host` header). Looked up only by a
+    /// route that matches on it.
+    pub fn host(&self) -> Option<&'a str> {
+        self.authority
+            .or_else(|| self.headers.text(&http::header::HOST))
+            .map(strip_port)
     }
 
     /// A query parameter's first value, percent-decoded.
@@ -198,7 +201,7 @@ pub fn select(routes: &[Route], head: &RequestHead<'_>) -> Option<RouteDecision>
 /// Checks one route's conditions, cheapest first.
 pub fn check(m: &RouteMatch, head: &RequestHead<'_>) -> Result<Captures, Mismatch> {
     if let Some(h) = &m.host {
-        let host = head.host.unwrap_or("");
+        let host = head.host().unwrap_or("");
         let ok = match h {
             HostMatch::Exact(e) => host.eq_ignore_ascii_case(e),
             HostMatch::Suffix(s) => {

@@ -83,7 +83,9 @@ impl HyperConn {
 }
 
 enum Conn {
-    Wire(WireConn),
+    /// Boxed once, when connected: the request path moves a response holding its connection
+    /// through several layers, and a pointer is cheaper to move than the connection.
+    Wire(Box<WireConn>),
     Hyper(HyperConn),
 }
 
@@ -383,14 +385,14 @@ impl Pool {
         Ok(stream)
     }
 
-    async fn connect_wire(&self, addr: SocketAddr) -> Result<WireConn, SendError> {
-        Ok(WireConn {
+    async fn connect_wire(&self, addr: SocketAddr) -> Result<Box<WireConn>, SendError> {
+        Ok(Box::new(WireConn {
             io: self.connect_tcp(addr).await?,
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             spans: Vec::new(),
             read_size: READ_CHUNK,
-        })
+        }))
     }
 
     async fn connect_hyper(&self, addr: SocketAddr) -> Result<HyperConn, SendError> {
@@ -518,7 +520,7 @@ enum BodyState {
 /// the connection returns to the pool when the body is done.
 pub struct WireBody {
     /// None once the connection failed (it is closed, not pooled).
-    conn: Option<WireConn>,
+    conn: Option<Box<WireConn>>,
     pool: Arc<Pool>,
     addr: SocketAddr,
     state: BodyState,
