@@ -1709,22 +1709,6 @@ mod tests {
         (line, fields)
     }
 
-    /// Where a head's fields lie, as attache's own server records them.
-    fn spans_of(head: &[u8]) -> Vec<route::Span> {
-        let mut slots = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut slots);
-        assert!(req.parse(head).unwrap().is_complete());
-        let base = head.as_ptr() as usize;
-        req.headers
-            .iter()
-            .map(|h| {
-                let n = h.name.as_ptr() as usize - base;
-                let v = h.value.as_ptr() as usize - base;
-                (n, n + h.name.len(), v, v + h.value.len())
-            })
-            .collect()
-    }
-
     /// The upstream request encoded from the client's head is the one `prepare_request`
     /// makes in place and `wire::encode_request` writes, for every kind of header handling.
     #[test]
@@ -1841,7 +1825,7 @@ mod tests {
                         raw_head.push_str(line);
                     }
                     raw_head.push_str("\r\n");
-                    let spans = spans_of(raw_head.as_bytes());
+                    let spans = route::fields::spans_of(raw_head.as_bytes());
                     let lines = HeadLines {
                         head: raw_head.as_bytes(),
                         spans: &spans,

@@ -189,29 +189,32 @@ impl<'a> Iterator for Values<'a, '_> {
     }
 }
 
+/// Where the fields of a whole request head lie, as attache's own server records them (for
+/// tests).
+#[cfg(test)]
+pub(crate) fn spans_of(head: &[u8]) -> Vec<Span> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    assert!(req.parse(head).unwrap().is_complete());
+    let base = head.as_ptr() as usize;
+    req.headers
+        .iter()
+        .map(|h| {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            (n, n + h.name.len(), v, v + h.value.len())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn raw_of(head: &[u8]) -> Vec<Span> {
-        let mut headers = [httparse::EMPTY_HEADER; 16];
-        let mut req = httparse::Request::new(&mut headers);
-        assert!(req.parse(head).unwrap().is_complete());
-        let base = head.as_ptr() as usize;
-        req.headers
-            .iter()
-            .map(|h| {
-                let n = h.name.as_ptr() as usize - base;
-                let v = h.value.as_ptr() as usize - base;
-                (n, n + h.name.len(), v, v + h.value.len())
-            })
-            .collect()
-    }
-
     #[test]
     fn raw_lines_read_like_the_map_built_from_them() {
         let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Tag: 1\r\nCookie: a=1\r\nx-tag: 2\r\nX-Bin: \xe9\r\n\r\n";
-        let spans = raw_of(head);
+        let spans = spans_of(head);
         let raw = Fields::Lines(HeadLines {
             head,
             spans: &spans,

@@ -3,7 +3,7 @@
 //! The proxy calls [`select`] once per request; `attache explain` calls [`check`] on every
 //! route to say why each earlier one did not match. Neither allocates on the common path.
 
-mod fields;
+pub(crate) mod fields;
 mod template;
 
 use std::borrow::Cow;
