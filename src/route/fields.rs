@@ -3,7 +3,7 @@
 //!
 //! A request that goes through as it came (the common case) never gets a header map: its
 //! fields are looked up by a scan of the head's few lines and written upstream as sent. A
-//! map is built ([`Fields::to_map`]) only for a try that must own its request (an HTTP/2
+//! map is built ([`HeadLines::to_map`]) only for a try that must own its request (an HTTP/2
 //! upstream, a streamed body, scatter-gather).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -118,14 +118,6 @@ impl<'a> Fields<'a> {
     pub fn text(&self, name: &HeaderName) -> Option<&'a str> {
         as_text(self.get(name)?)
     }
-
-    /// The header map: the map itself, or one built from the lines.
-    pub fn to_map(&self) -> Result<HeaderMap, crate::error::ProxyError> {
-        match *self {
-            Fields::Map(m) => Ok(m.clone()),
-            Fields::Lines(r) => r.to_map(),
-        }
-    }
 }
 
 /// A field value as text, if it is visible ASCII or tabs (the rule of `HeaderValue::to_str`).
@@ -219,7 +211,10 @@ mod tests {
             head,
             spans: &spans,
         });
-        let map = raw.to_map().unwrap();
+        let Fields::Lines(lines) = raw else {
+            unreachable!()
+        };
+        let map = lines.to_map().unwrap();
         let map = Fields::Map(&map);
         let tag = HeaderName::from_static("x-tag");
         let bin = HeaderName::from_static("x-bin");
