@@ -63,6 +63,11 @@ DEFAULT_VARS = {"HAPROXY_BIND_OPTS": "", "NGINX_LISTEN_OPTS": ""}
 CARGO_LOCK = "/tmp/attache-cargo.lock"   # the project's "one cargo at a time" lock
 LOCK_WAIT = 30 * 60                       # --lock-cargo waits this long at most
 
+# --syscalls: the system calls counted per request (perf tracepoints). raw_syscalls counts
+# every call; the named ones are those a proxy's request path makes.
+SYSCALLS = ("read", "recvfrom", "readv", "recvmsg", "write", "sendto", "writev", "sendmsg",
+            "epoll_wait", "epoll_pwait", "epoll_ctl", "futex", "accept4")
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
@@ -673,7 +678,11 @@ class Bench:
             a_t, a_up, a_ours = cpu_sample(t_pids), cpu_sample(up_pids), cpu_sample(ours_pids)
             a_busy, a_self, t0 = system_busy(), self_cpu(), time.monotonic()
 
-            r = self.guard(label, t, run)
+            counter = self.count_syscalls(t_pids) if self.args.syscalls and t.proc else None
+            try:
+                r = self.guard(label, t, run)
+            finally:
+                counts = self.stop_counting(counter) if counter else None
 
             wall = time.monotonic() - t0
             b_busy, b_self = system_busy(), self_cpu()
@@ -712,6 +721,8 @@ class Bench:
                 "machine_busy_s": b_busy - a_busy, "ours_cpu_s": ours + loadgen_cpu,
                 "attempts": attempt + 1,
             })
+            if counts is not None and r["ok"]:
+                r["syscalls_per_req"] = {k: v / r["ok"] for k, v in counts.items()}
             if r["other_cpu_core_frac"] <= NOISE_LIMIT:
                 break
             if attempt < MAX_REDO:
@@ -724,6 +735,38 @@ class Bench:
             self.failures.append(msg)
             log("  ERROR " + msg + log_tail(t.logfile))
         return r
+
+    def count_syscalls(self, pids: list[int]):
+        """perf stat counting the target's system calls by tracepoint until stop_counting.
+        Tracepoints cost a little per call: a run with --syscalls says how many calls a
+        request takes, its CPU figures are not comparable with a run without."""
+        out = self.tmp / "perf-stat.csv"
+        out.unlink(missing_ok=True)
+        events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{n}" for n in SYSCALLS]
+        p = self.procs.spawn(["perf", "stat", "-x,", "-o", str(out), "-e", ",".join(events),
+                              "-p", ",".join(map(str, pids))],
+                             cpu=LOAD_CPU, priority=False, logfile=self.tmp / "perf.log")
+        # perf has attached once it has opened its output file.
+        wait_until(lambda: out.exists(), 10, p, "perf stat", self.tmp / "perf.log")
+        return p, out
+
+    def stop_counting(self, counter) -> dict[str, float]:
+        p, out = counter
+        os.kill(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=10)
+        finally:
+            self.procs.stop(p)
+        counts = {}
+        for line in out.read_text().splitlines():
+            f = line.split(",")
+            if len(f) > 3 and f[2].startswith(("raw_syscalls", "syscalls")):
+                name = f[2].split(":")[1].removeprefix("sys_enter_").replace("sys_enter", "all")
+                try:
+                    counts[name] = float(f[0])
+                except ValueError:   # <not counted>
+                    pass
+        return counts
 
     def guard(self, label: str, t: Target, run):
         """run(), with a failure reported against the target: its name, whether it is
@@ -1081,6 +1124,10 @@ def parse_args(argv):
     ap.add_argument("--no-idle-conns", action="store_true", help="skip the idle-connection RSS test")
     ap.add_argument("--no-spinners", action="store_true",
                     help="no idle spinners (to see what they change; figures are not comparable)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count the proxy's system calls per request (perf tracepoints) and "
+                         "print them; the tracepoints cost CPU: such a run does not go into "
+                         "RESULTS.md")
     ap.add_argument("--keep-tmp", action="store_true", help="keep generated configs and logs")
     ap.add_argument("--list", action="store_true", help="list scenarios and exit")
     ap.add_argument("--report", nargs="+", metavar="JSON",
@@ -1135,6 +1182,30 @@ def print_tables(scens: list[Scenario], summary: dict, notes: list[str]) -> None
         print(f"\n* {n}")
 
 
+def syscall_table(records: list[dict]) -> str:
+    """Medians over rounds of the system calls per request, per scenario, test and target
+    (runs with --syscalls); the calls no target makes are left out."""
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for rec in records:
+        for n, res in rec["targets"].items():
+            for test in ("saturation", "rate", "ping"):
+                c = res.get(test, {}).get("syscalls_per_req")
+                if c:
+                    row = cells.setdefault((rec["scenario"], test, n), {})
+                    for k, v in c.items():
+                        row.setdefault(k, []).append(v)
+    if not cells:
+        return ""
+    names = ["all"] + [k for k in SYSCALLS
+                       if any(median(r.get(k, [0])) >= 0.005 for r in cells.values())]
+    head = ["scenario", "test", "target"] + names
+    rs = [head] + [[*key] + [f"{median(r.get(k, [0])):.2f}" for k in names]
+                   for key, r in cells.items()]
+    w = [max(len(r[i]) for r in rs) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w[i]) if i < 3 else c.rjust(w[i])
+                               for i, c in enumerate(r)) for r in rs)
+
+
 def report(files: list[str], all_scens: dict[str, Scenario]) -> int:
     """Tables from saved JSON results; several files are pooled (their rounds together),
     as BENCH-METHOD asks before claiming a small difference."""
@@ -1150,6 +1221,9 @@ def report(files: list[str], all_scens: dict[str, Scenario]) -> int:
     meta["rounds"] = max((sum(1 for r in records if r["scenario"] == s.name) for s in scens),
                          default=0)
     print_tables(scens, summary, notes)
+    calls = syscall_table(records)
+    if calls:
+        print("\nSystem calls per request (medians over rounds):\n" + calls)
     print("\n" + markdown_section(meta, scens, summary, notes))
     return 0
 
@@ -1193,6 +1267,9 @@ def main(argv: list[str]) -> int:
         if not shutil.which(tool):
             log(f"{tool} not found: run bench/run (it installs the tools)")
             return 2
+    if args.syscalls and not shutil.which("perf"):
+        log("--syscalls needs perf (Debian package linux-perf)")
+        return 2
     if (os.cpu_count() or 1) < 2:
         log("needs at least 2 CPUs (load generator on 0, proxy on 1)")
         return 2
@@ -1272,8 +1349,11 @@ def main(argv: list[str]) -> int:
     shutil.copyfile(out_json, OUT / "latest.json")
 
     print_tables(scens, summary, notes)
+    calls = syscall_table(bench.records)
+    if calls:
+        print("\nSystem calls per request (medians over rounds):\n" + calls)
     section = markdown_section(meta, scens, summary, notes)
-    working = len(args.tests) < 3 or args.baseline_bin
+    working = len(args.tests) < 3 or args.baseline_bin or args.syscalls
     if args.quick or status or working:
         # A quick run proves the harness works, a run that stopped early is partial, and an
         # A/B or a run of some tests only is work in progress: none goes into RESULTS.md.
