@@ -199,6 +199,9 @@ async fn wait_for_stop(shared: &Shared, stop: impl std::future::Future<Output = 
     }
 }
 
+/// How often a worker sweeps its idle upstream connections.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// One worker: accept loops for every listener, then the drain.
 async fn worker(
     index: usize,
@@ -210,7 +213,14 @@ async fn worker(
     let flusher = {
         let shared = shared.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::telemetry::access_log::FLUSH_INTERVAL);
+            // With the access log off, an idle worker wakes once a second, not ten times.
+            let every = if shared.access_log.enabled() {
+                crate::telemetry::access_log::FLUSH_INTERVAL
+            } else {
+                SWEEP_INTERVAL
+            };
+            let per_sweep = (SWEEP_INTERVAL.as_millis() / every.as_millis().max(1)).max(1) as u32;
+            let mut tick = tokio::time::interval(every);
             let mut ticks = 0u32;
             loop {
                 tick.tick().await;
@@ -218,7 +228,7 @@ async fn worker(
                 // About once a second: close this worker's expired or dead idle upstream
                 // connections even when no request comes to check them out.
                 ticks = ticks.wrapping_add(1);
-                if ticks.is_multiple_of(10) {
+                if ticks.is_multiple_of(per_sweep) {
                     for cluster in &shared.snapshot.load().clusters {
                         cluster.pool(index).sweep();
                     }
