@@ -530,7 +530,13 @@ async fn execute(
             };
             return Err(finish_error(e, targets, snap, conn));
         };
-        let try_timeout = per_try.min(deadline.saturating_duration_since(Instant::now()));
+        // The try's deadline: the route's, or sooner with a shorter per-try timeout (the only
+        // case that reads the clock here).
+        let try_deadline = if per_try >= route.timeout {
+            deadline
+        } else {
+            deadline.min(Instant::now() + per_try)
+        };
         let hedge = match (route.hedge, &body) {
             (Some(delay), TryBody::Replay(b)) if safe && attempt_no == 1 => {
                 let second = match (&req, &replay_head) {
@@ -558,7 +564,7 @@ async fn execute(
                     route,
                     forwarded,
                     conn,
-                    try_timeout,
+                    try_deadline,
                     raw,
                 )
                 .await
@@ -575,7 +581,7 @@ async fn execute(
                     route,
                     forwarded,
                     conn,
-                    try_timeout,
+                    try_deadline,
                     raw,
                 ))
                 .await
@@ -757,7 +763,7 @@ async fn send_hedged(
     route: &Route,
     forwarded: &Forwarded,
     conn: &ConnCtx,
-    timeout: std::time::Duration,
+    deadline: Instant,
     raw: bool,
 ) -> Sent {
     let primary = send_one(
@@ -768,7 +774,7 @@ async fn send_hedged(
         route,
         forwarded,
         conn,
-        timeout,
+        deadline,
         raw,
     );
     tokio::pin!(primary);
@@ -788,9 +794,8 @@ async fn send_hedged(
         return primary.await;
     }
     cluster.stats.hedges.inc();
-    let remaining = timeout.saturating_sub(delay);
     let mut secondary = Box::pin(send_one(
-        second, snap, cluster_id, other, route, forwarded, conn, remaining, raw,
+        second, snap, cluster_id, other, route, forwarded, conn, deadline, raw,
     ));
     tokio::select! {
         sent = &mut primary => if sent.outcome_failed() { secondary.await } else { sent },
@@ -798,7 +803,7 @@ async fn send_hedged(
     }
 }
 
-/// Sends one try to one endpoint, bounded by `timeout`. With `raw`, a response read by
+/// Sends one try to one endpoint, bounded by `deadline`. With `raw`, a response read by
 /// attache's HTTP/1.1 codec may keep its header lines for the client as they are (see
 /// [`crate::upstream::wire::RawFields`]) instead of a header map.
 #[allow(clippy::too_many_arguments)]
@@ -810,7 +815,7 @@ async fn send_one(
     route: &Route,
     forwarded: &Forwarded,
     conn: &ConnCtx,
-    timeout: std::time::Duration,
+    deadline: Instant,
     raw: bool,
 ) -> Sent {
     use crate::resilience::Outcome;
@@ -883,21 +888,21 @@ async fn send_one(
                     body.len(),
                 )
             };
-            let send = pool.send_encoded(endpoint.addr, &parts.method, &encode, &body, raw);
-            tokio::time::timeout(timeout, send)
+            let send = pool.send_encoded(endpoint.addr, &parts.method, &encode, &body, raw, sent);
+            tokio::time::timeout_at(deadline.into(), send)
                 .await
                 .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
         }
         Either::Left(req) => match cluster.config.protocol {
             crate::config::UpstreamProtocol::Http1 => {
                 let pool = cluster.pool(conn.worker);
-                tokio::time::timeout(timeout, pool.send(endpoint.addr, req, raw))
+                tokio::time::timeout_at(deadline.into(), pool.send(endpoint.addr, req, raw))
                     .await
                     .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
             }
             crate::config::UpstreamProtocol::Http2 => {
                 let client = cluster.client(conn.worker);
-                tokio::time::timeout(timeout, client.request(req))
+                tokio::time::timeout_at(deadline.into(), client.request(req))
                     .await
                     .map(|r| {
                         r.map(|resp| resp.map(UpstreamBody::Client))
@@ -911,7 +916,9 @@ async fn send_one(
         Err(_) => (
             Err(ProxyError::Timeout {
                 endpoint: endpoint.addr.to_string(),
-                timeout_ms: timeout.as_millis() as u64,
+                // The try's time, to the nearest millisecond.
+                timeout_ms: (deadline.saturating_duration_since(sent).as_micros() as u64 + 500)
+                    / 1000,
             }),
             Outcome::Timeout,
         ),
@@ -1068,7 +1075,7 @@ pub(crate) async fn attempt(
         route,
         forwarded,
         conn,
-        route.timeout,
+        Instant::now() + route.timeout,
         false, // the merge reads each part's headers
     )
     .await;

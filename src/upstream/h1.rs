@@ -205,13 +205,14 @@ impl Pool {
         let encode = |buf: &mut Vec<u8>| {
             wire::encode_request(buf, &parts.method, path, &parts.headers, body.len())
         };
-        self.send_encoded(addr, &parts.method, &encode, &body, raw)
+        self.send_encoded(addr, &parts.method, &encode, &body, raw, Instant::now())
             .await
     }
 
     /// Sends a request whose head `encode` writes (into an empty buffer) and whose body is
     /// `body`, with attache's own codec. `encode` runs again if a pooled connection turns
-    /// out to be closed and the request goes on a fresh one.
+    /// out to be closed and the request goes on a fresh one. `now`: the time as the caller
+    /// has just read it (to tell expired pooled connections).
     pub async fn send_encoded(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -219,10 +220,11 @@ impl Pool {
         encode: &(dyn Fn(&mut Vec<u8>) + Sync),
         body: &Bytes,
         raw: bool,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let coalesce = body.len() <= COALESCE_BODY;
         loop {
-            let (mut conn, reused) = match self.checkout(addr, true).await {
+            let (mut conn, reused) = match self.checkout(addr, true, now).await {
                 Some(Conn::Wire(c)) => (c, true),
                 // Boxed: connecting (with its timer) is the rare case.
                 _ => (Box::pin(self.connect_wire(addr)).await?, false),
@@ -279,7 +281,7 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, SendError> {
         let mut req = req;
         loop {
-            let (mut conn, reused) = match self.checkout(addr, false).await {
+            let (mut conn, reused) = match self.checkout(addr, false, Instant::now()).await {
                 Some(Conn::Hyper(c)) => (c, true),
                 _ => (self.connect_hyper(addr).await?, false),
             };
@@ -321,10 +323,10 @@ impl Pool {
         }
     }
 
-    /// An idle connection of the kind asked for to `addr` that is still open, if any.
-    async fn checkout(&self, addr: SocketAddr, wire: bool) -> Option<Conn> {
+    /// An idle connection of the kind asked for to `addr` that is still open at `now`, if any.
+    async fn checkout(&self, addr: SocketAddr, wire: bool, now: Instant) -> Option<Conn> {
         loop {
-            let mut conn = self.take(addr, wire)?;
+            let mut conn = self.take(addr, wire, now)?;
             if std::future::poll_fn(|cx| Poll::Ready(conn.reusable(cx))).await {
                 return Some(conn);
             }
@@ -333,14 +335,14 @@ impl Pool {
 
     /// The most recently pooled connection of that kind to `addr` (the worker's sweep drops
     /// expired ones; one that expired since is dropped here).
-    fn take(&self, addr: SocketAddr, wire: bool) -> Option<Conn> {
+    fn take(&self, addr: SocketAddr, wire: bool, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let at = idle
                 .iter()
                 .rposition(|i| i.addr == addr && matches!(i.conn, Conn::Wire(_)) == wire)?;
             let i = idle.swap_remove(at);
-            if i.since.elapsed() < self.idle_timeout {
+            if now.saturating_duration_since(i.since) < self.idle_timeout {
                 return Some(i.conn);
             }
         }
