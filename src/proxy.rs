@@ -888,22 +888,32 @@ async fn send_one(
                     body.len(),
                 )
             };
-            let send = pool.send_encoded(endpoint.addr, &parts.method, &encode, &body, raw, sent);
-            tokio::time::timeout_at(deadline.into(), send)
-                .await
-                .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
+            // The pool bounds the try by the deadline itself (a timer per connection, not
+            // one per request).
+            let send = pool.send_encoded(
+                endpoint.addr,
+                &parts.method,
+                &encode,
+                &body,
+                raw,
+                sent,
+                deadline,
+            );
+            h1_result(send.await, &endpoint)
         }
         Either::Left(req) => match cluster.config.protocol {
             crate::config::UpstreamProtocol::Http1 => {
                 let pool = cluster.pool(conn.worker);
-                tokio::time::timeout_at(deadline.into(), pool.send(endpoint.addr, req, raw))
-                    .await
-                    .map(|r| r.map_err(|e| classify_h1(&e, &endpoint)))
+                h1_result(
+                    pool.send(endpoint.addr, req, raw, deadline).await,
+                    &endpoint,
+                )
             }
             crate::config::UpstreamProtocol::Http2 => {
                 let client = cluster.client(conn.worker);
                 tokio::time::timeout_at(deadline.into(), client.request(req))
                     .await
+                    .map_err(|_| ())
                     .map(|r| {
                         r.map(|resp| resp.map(UpstreamBody::Client))
                             .map_err(|e| classify(&e, &endpoint))
@@ -1428,6 +1438,17 @@ fn classify(e: &hyper_util::client::legacy::Error, endpoint: &Endpoint) -> Proxy
     }
 }
 
+/// An HTTP/1.1 pool's answer as `send_one` takes it: `Err(())` when the deadline passed.
+fn h1_result(
+    r: Result<Response<UpstreamBody>, crate::upstream::h1::SendError>,
+    endpoint: &Endpoint,
+) -> Result<Result<Response<UpstreamBody>, ProxyError>, ()> {
+    match r {
+        Err(crate::upstream::h1::SendError::Timeout) => Err(()),
+        r => Ok(r.map_err(|e| classify_h1(&e, endpoint))),
+    }
+}
+
 fn classify_h1(e: &crate::upstream::h1::SendError, endpoint: &Endpoint) -> ProxyError {
     use crate::upstream::h1::SendError;
     let endpoint = endpoint.addr.to_string();
@@ -1438,7 +1459,9 @@ fn classify_h1(e: &crate::upstream::h1::SendError, endpoint: &Endpoint) -> Proxy
             ProxyError::UpstreamProtocol { endpoint, detail }
         }
         SendError::Protocol(_) => ProxyError::UpstreamProtocol { endpoint, detail },
-        SendError::Hyper(_) | SendError::Io(_) => ProxyError::UpstreamReset { endpoint, detail },
+        SendError::Hyper(_) | SendError::Io(_) | SendError::Timeout => {
+            ProxyError::UpstreamReset { endpoint, detail }
+        }
     }
 }
 

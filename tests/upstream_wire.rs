@@ -99,6 +99,11 @@ async fn scripted_upstream() -> (std::net::SocketAddr, Arc<Seen>) {
                     buf.drain(..end + len);
                     let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
                     seen.requests.lock().unwrap().push((head, body));
+                    if path.ends_with("/hang") {
+                        // No answer: wait for the proxy to give up and close.
+                        while !matches!(s.read(&mut [0u8; 64]).await, Ok(0) | Err(_)) {}
+                        return;
+                    }
                     let (reply, close) = answer(&path);
                     if s.write_all(&reply).await.is_err() || close {
                         return;
@@ -290,4 +295,73 @@ async fn response_headers_go_through_as_sent_without_hop_by_hop_ones() {
     assert_eq!(resp.headers()["x-case"], "Kept As Sent");
     assert_eq!(resp.headers()["server"], "scripted");
     assert!(resp.headers().get("keep-alive").is_none());
+}
+
+/// Reads one response with a content-length body from a kept-alive client connection.
+async fn read_response(s: &mut tokio::net::TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
+            let len = content_length(&head).unwrap();
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8(buf[end + 4..end + 4 + len].to_vec()).unwrap();
+                assert_eq!(buf.len(), end + 4 + len, "nothing after the response");
+                return (head, body);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_times_out_at_each_requests_own_deadline() {
+    // One client connection (one worker, one upstream connection in its pool). A pooled
+    // connection keeps its timer from request to request: a later deadline moves it forward,
+    // an earlier one re-registers it. Either way a hung try ends at its own route's timeout.
+    let (addr, seen) = scripted_upstream().await;
+    let at = Attache::start(&format!(
+        "admin: {{ address: \"127.0.0.1:0\" }}\nlisteners:\n  - name: main\n    address: \"127.0.0.1:0\"\n    routes:\n      - {{ match: {{ path: {{ prefix: /short }} }}, cluster: a, timeout: 300ms }}\n      - {{ match: {{ path: {{ prefix: /long }} }}, cluster: a, timeout: 1500ms }}\n      - {{ cluster: a, timeout: 800ms }}\nclusters:\n  a: {{ endpoints: [\"{addr}\"], retry: {{ attempts: 1 }} }}\n"
+    ));
+    let mut s = tokio::net::TcpStream::connect(at.listeners["main"])
+        .await
+        .unwrap();
+    let mut ask = async |path: &str| {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let (head, body) = read_response(&mut s).await;
+        (head, body, t.elapsed())
+    };
+    // Earlier than the registered deadline: 1.5 s set by the first request, 300 ms asked.
+    let (head, body, _) = ask("/long/fast").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "ok");
+    let (head, _, took) = ask("/short/hang").await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(head.contains("x-attache-reason: timeout"), "{head}");
+    assert!(took >= std::time::Duration::from_millis(250), "{took:?}");
+    assert!(took < std::time::Duration::from_millis(1200), "{took:?}");
+    // Later than the registered deadline: 300 ms set, then 800 ms asked. The try must not
+    // end at the old 300 ms, nor run past its own.
+    let (head, _, _) = ask("/short/fast").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, _, took) = ask("/mid/hang").await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(took >= std::time::Duration::from_millis(750), "{took:?}");
+    assert!(took < std::time::Duration::from_millis(2000), "{took:?}");
+    // After a long idle-free run of requests on one connection the timer still works, and
+    // each timed-out try closed its upstream connection (no answer can be trusted on it).
+    for _ in 0..20 {
+        let (head, _, _) = ask("/long/fast").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let (head, _, took) = ask("/short/hang").await;
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(took < std::time::Duration::from_millis(1200), "{took:?}");
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
 }

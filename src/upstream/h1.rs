@@ -10,7 +10,8 @@
 //! - **Wire** connections ([`WireConn`], the request path's common case): a request whose body
 //!   is already in memory (every bodiless request, and every replayable one) is written in
 //!   one `write` and its response read with attache's own codec ([`super::wire`]), with no
-//!   dispatcher, channel or timer in between.
+//!   dispatcher or channel in between, and bounded by the connection's one timer, moved to
+//!   each request's deadline (no timer set up and torn down per request).
 //! - **hyper** connections ([`HyperConn`]): requests whose body streams from the client
 //!   (read and write at once, `expect: 100-continue`) and upgrades (WebSocket) go through
 //!   hyper's `client::conn::http1`, polled from the request's task too.
@@ -57,6 +58,12 @@ pub struct WireConn {
     spans: Vec<wire::Span>,
     /// Bytes to make room for before a read: grows while reads fill the room.
     read_size: usize,
+    /// The deadline of the request on the connection. One timer for the connection's life,
+    /// moved to each request's deadline: a later deadline than the one registered only
+    /// updates tokio's entry (its wheel moves the entry when the old time comes), where a
+    /// timer per request is a wheel insertion and removal under the driver's lock. None
+    /// until the first request.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A hyper connection: the request sender and the connection future that does its I/O.
@@ -137,6 +144,8 @@ pub enum SendError {
     Io(std::io::Error),
     /// The upstream's response broke HTTP/1.1.
     Protocol(wire::WireError),
+    /// The deadline passed before a whole response head arrived.
+    Timeout,
 }
 
 impl std::fmt::Display for SendError {
@@ -145,6 +154,7 @@ impl std::fmt::Display for SendError {
             SendError::Connect(e) => write!(f, "connect: {e}"),
             SendError::Io(e) => write!(f, "{e}"),
             SendError::Protocol(e) => write!(f, "{e}"),
+            SendError::Timeout => write!(f, "no response head before the deadline"),
             SendError::Hyper(e) => {
                 write!(f, "{e}")?;
                 let mut source = std::error::Error::source(e);
@@ -172,24 +182,30 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (origin-form URI) to `addr` on a pooled connection or a new one.
+    /// Sends `req` (origin-form URI) to `addr` on a pooled connection or a new one, and
+    /// gives up with [`SendError::Timeout`] at `deadline`.
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         req: Request<ReqBody>,
         raw: bool,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         match req.into_parts() {
             (parts, Either::Right(full))
                 if !parts.headers.contains_key(http::header::UPGRADE)
                     && parts.method != Method::CONNECT =>
             {
-                self.send_wire(addr, parts, full_bytes(full), raw).await
+                self.send_wire(addr, parts, full_bytes(full), raw, deadline)
+                    .await
             }
             // Boxed: hyper's client state would size every request's future.
-            (parts, body) => {
-                Box::pin(self.send_hyper(addr, Request::from_parts(parts, body))).await
-            }
+            (parts, body) => Box::pin(tokio::time::timeout_at(
+                deadline.into(),
+                self.send_hyper(addr, Request::from_parts(parts, body)),
+            ))
+            .await
+            .unwrap_or(Err(SendError::Timeout)),
         }
     }
 
@@ -200,19 +216,23 @@ impl Pool {
         parts: http::request::Parts,
         body: Bytes,
         raw: bool,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let encode = |buf: &mut Vec<u8>| {
             wire::encode_request(buf, &parts.method, path, &parts.headers, body.len())
         };
-        self.send_encoded(addr, &parts.method, &encode, &body, raw, Instant::now())
+        let now = Instant::now();
+        self.send_encoded(addr, &parts.method, &encode, &body, raw, now, deadline)
             .await
     }
 
     /// Sends a request whose head `encode` writes (into an empty buffer) and whose body is
     /// `body`, with attache's own codec. `encode` runs again if a pooled connection turns
     /// out to be closed and the request goes on a fresh one. `now`: the time as the caller
-    /// has just read it (to tell expired pooled connections).
+    /// has just read it (to tell expired pooled connections). Gives up with
+    /// [`SendError::Timeout`] at `deadline`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send_encoded(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -221,27 +241,58 @@ impl Pool {
         body: &Bytes,
         raw: bool,
         now: Instant,
+        deadline: Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let coalesce = body.len() <= COALESCE_BODY;
         loop {
             let (mut conn, reused) = match self.checkout(addr, true, now).await {
                 Some(Conn::Wire(c)) => (c, true),
                 // Boxed: connecting (with its timer) is the rare case.
-                _ => (Box::pin(self.connect_wire(addr)).await?, false),
+                _ => match Box::pin(tokio::time::timeout_at(
+                    deadline.into(),
+                    self.connect_wire(addr),
+                ))
+                .await
+                {
+                    Ok(c) => (c?, false),
+                    Err(_) => return Err(SendError::Timeout),
+                },
             };
             conn.wbuf.clear();
             encode(&mut conn.wbuf);
             if coalesce {
                 conn.wbuf.extend_from_slice(body);
             }
-            let mut written = conn.io.write_all(&conn.wbuf).await;
-            if written.is_ok() && !coalesce {
-                written = conn.io.write_all(body).await;
-            }
-            let head = match written {
-                Ok(()) => conn.read_head(method, raw).await,
-                Err(e) => Err(HeadError::Closed(e)),
+            let mut timer = match conn.timer.take() {
+                Some(mut t) => {
+                    t.as_mut().reset(deadline.into());
+                    t
+                }
+                None => Box::pin(tokio::time::sleep_until(deadline.into())),
             };
+            let head = {
+                let exchange = async {
+                    let mut written = conn.io.write_all(&conn.wbuf).await;
+                    if written.is_ok() && !coalesce {
+                        written = conn.io.write_all(body).await;
+                    }
+                    match written {
+                        Ok(()) => conn.read_head(method, raw).await,
+                        Err(e) => Err(HeadError::Closed(e)),
+                    }
+                };
+                let mut exchange = std::pin::pin!(exchange);
+                std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
+                    Poll::Ready(head) => Poll::Ready(Some(head)),
+                    Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+                })
+                .await
+            };
+            // The connection closes with a request in flight: no response will come.
+            let Some(head) = head else {
+                return Err(SendError::Timeout);
+            };
+            conn.timer = Some(timer);
             match head {
                 Ok(head) => {
                     let state = match head.framing {
@@ -394,6 +445,7 @@ impl Pool {
             wbuf: Vec::new(),
             spans: Vec::new(),
             read_size: READ_CHUNK,
+            timer: None,
         }))
     }
 
@@ -607,9 +659,14 @@ impl Drop for WireBody {
         if !self.keep_alive || !matches!(self.state, BodyState::Done) {
             return;
         }
-        if let Some(conn) = self.conn.take() {
-            let mut conn = Conn::Wire(conn);
+        if let Some(mut conn) = self.conn.take() {
             let mut cx = Context::from_waker(std::task::Waker::noop());
+            // The timer forgets the request's task (it would otherwise keep the task's memory
+            // alive, and wake it, when the deadline passes with the connection idle).
+            if let Some(t) = conn.timer.as_mut() {
+                let _ = t.as_mut().poll(&mut cx);
+            }
+            let mut conn = Conn::Wire(conn);
             if conn.reusable(&mut cx) {
                 self.pool.put(self.addr, conn);
             }
@@ -706,6 +763,7 @@ mod tests {
             wbuf: Vec::new(),
             spans: Vec::new(),
             read_size,
+            timer: None,
         };
         (conn, peer)
     }
