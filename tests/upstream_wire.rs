@@ -232,21 +232,7 @@ async fn exchange(at: &Attache, path: &str) -> (String, String) {
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    loop {
-        let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
-            let len = content_length(&head).unwrap();
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8(buf[end + 4..end + 4 + len].to_vec()).unwrap();
-                return (head, body);
-            }
-        }
-    }
+    read_response(&mut s).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
