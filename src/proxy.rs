@@ -1438,31 +1438,31 @@ fn classify(e: &hyper_util::client::legacy::Error, endpoint: &Endpoint) -> Proxy
     }
 }
 
-/// An HTTP/1.1 pool's answer as `send_one` takes it: `Err(())` when the deadline passed.
+/// An HTTP/1.1 pool's answer as `send_one` takes it: `Err(())` when the deadline passed,
+/// otherwise the response or the error attache answers with.
 fn h1_result(
     r: Result<Response<UpstreamBody>, crate::upstream::h1::SendError>,
     endpoint: &Endpoint,
 ) -> Result<Result<Response<UpstreamBody>, ProxyError>, ()> {
-    match r {
-        Err(crate::upstream::h1::SendError::Timeout) => Err(()),
-        r => Ok(r.map_err(|e| classify_h1(&e, endpoint))),
-    }
-}
-
-fn classify_h1(e: &crate::upstream::h1::SendError, endpoint: &Endpoint) -> ProxyError {
     use crate::upstream::h1::SendError;
+    let e = match r {
+        Ok(resp) => return Ok(Ok(resp)),
+        Err(SendError::Timeout) => return Err(()),
+        Err(e) => e,
+    };
     let endpoint = endpoint.addr.to_string();
     let detail = e.to_string();
-    match e {
+    Ok(Err(match e {
         SendError::Connect(_) => ProxyError::ConnectFailed { endpoint, detail },
+        SendError::Protocol(_) => ProxyError::UpstreamProtocol { endpoint, detail },
         SendError::Hyper(h) if h.is_parse() || h.is_parse_status() => {
             ProxyError::UpstreamProtocol { endpoint, detail }
         }
-        SendError::Protocol(_) => ProxyError::UpstreamProtocol { endpoint, detail },
+        // (Timeout was answered above.)
         SendError::Hyper(_) | SendError::Io(_) | SendError::Timeout => {
             ProxyError::UpstreamReset { endpoint, detail }
         }
-    }
+    }))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
